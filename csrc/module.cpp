@@ -1,0 +1,25 @@
+// flipkern._C: the op schemas of every flipkern kernel, in one place.
+//
+// Kernels register per device in their own files (TORCH_LIBRARY_IMPL with CPU in
+// *_cpu.cpp, CUDA in *_cuda.cu). Fake (meta) kernels and autograd are registered
+// from Python (flipkern/*.py), following pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing flipkern._C only has to run the static registrations below; the
+// module itself is empty. (The build-on-first-use path loads the same code
+// with torch.ops.load_library and never calls this.)
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(flipkern, m) {
+  // --- token dropping (masking_cpu.cpp, masking_cuda.cu) ---
+  // x [B, N, D], ids_keep int64 [B, K], pos_embed [N, D] or None -> [B, K, D]
+  m.def("drop_tokens(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
+  // grad_out [B, K, D] -> grad_x [B, num_tokens, D] (zeros where dropped; duplicates accumulate)
+  m.def("drop_tokens_backward(Tensor grad_out, Tensor ids_keep, SymInt num_tokens) -> Tensor");
+}

@@ -1,0 +1,41 @@
+"""flipkern: kernels for FLIP-style CLIP pretraining.
+
+Token dropping, variable-length attention and chunked contrastive losses as
+torch ops, with C++ (CPU), CUDA and Triton kernels and a pure-PyTorch
+reference (flipkern.reference) that every kernel is tested against.
+"""
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+__version__ = "0.1.0"
+
+
+def _alias_reference():
+    # reference/ sits at the top of the repository and is installed as flipkern.reference
+    # (setup.py package_dir). In a source checkout, flipkern/ has no reference/ inside it:
+    # load the top-level folder under the installed name so imports are the same either way.
+    if "flipkern.reference" in _sys.modules or _ilu.find_spec(".reference", __name__) is not None:
+        return
+    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "reference")
+    spec = _ilu.spec_from_file_location("flipkern.reference", _os.path.join(root, "__init__.py"),
+                                        submodule_search_locations=[root])
+    module = _ilu.module_from_spec(spec)
+    _sys.modules["flipkern.reference"] = module
+    spec.loader.exec_module(module)
+
+
+_alias_reference()
+
+from . import reference  # noqa: E402
+from .backends import backends_used, use_backend  # noqa: E402
+from .masking import drop_tokens  # noqa: E402
+
+
+def info():
+    """A dict of versions and backend status (what ``python -m flipkern.info`` prints)."""
+    from .info import collect
+    return collect()
+
+
+__all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens"]

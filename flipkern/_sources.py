@@ -1,0 +1,95 @@
+"""Where the C++/CUDA sources are and how to compile them.
+
+Used by setup.py (ahead-of-time build) and by _extension.py (build on first
+use), so both builds compile the same files with the same flags. Imports
+only the standard library and (lazily) torch.
+"""
+import glob
+import hashlib
+import os
+import shutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+CXX_FLAGS = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension picks the C++ standard torch needs
+LD_FLAGS = ["-fopenmp"]
+# Architectures compiled when no GPU is visible to ask (CI, this machine): Ampere and Hopper.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def nvcc_flags():
+    return ["-O3", "--use_fast_math", "-lineinfo"]
+
+
+def _find_nvcc():
+    if os.environ.get("CUDA_HOME"):
+        cand = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+        if os.path.exists(cand):
+            return cand
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda/bin/nvcc"
+    return shutil.which("nvcc")
+
+
+def cuda_status():
+    """(want_cuda, reason): whether the CUDA sources should be compiled, and why (not)."""
+    flag = os.environ.get("FLIPKERN_CUDA", "").strip()
+    nvcc = _find_nvcc()
+    if nvcc is not None:
+        # torch.utils.cpp_extension finds the toolkit through CUDA_HOME (read when it is
+        # first imported): point it at the nvcc we found.
+        os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    if flag == "0":
+        return False, "FLIPKERN_CUDA=0"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if nvcc is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    if not torch.cuda.is_available():  # no GPU to ask for its architecture
+
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    if flag == "1":
+        return True, "FLIPKERN_CUDA=1"
+    return True, f"torch CUDA {torch.version.cuda} and {nvcc}"
+
+
+def want_cuda():
+    return cuda_status()[0]
+
+
+def include_dirs():
+    """Header folders of the CUDA libraries that pip installed beside torch (nvidia/*/include).
+
+    A CUDA build of torch from pip brings cuBLAS/cuSPARSE/... headers there rather than in
+    the system toolkit; ATen's CUDA headers include them.
+    """
+    try:
+        import torch
+    except ImportError:
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+
+
+def source_files(with_cuda):
+    cpp = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    cu = sorted(glob.glob(os.path.join(CSRC, "*.cu"))) if with_cuda else []
+    return cpp + cu
+
+
+def sources_hash(with_cuda):
+    """Hash of every source and header, the flags and the CUDA choice: the cache key."""
+    h = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(CSRC, "*")))
+    for path in files:
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(repr((CXX_FLAGS, LD_FLAGS, nvcc_flags(), with_cuda,
+                   os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
+    return h.hexdigest()[:16]

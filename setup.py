@@ -1,0 +1,66 @@
+"""Build and install flipkern.
+
+The C++/CUDA extension ``flipkern._C`` is built here ahead of time when a
+compiler is available. CUDA sources are added when torch has CUDA and nvcc
+is found; FLIPKERN_CUDA=1 forces them (compile and link with no GPU),
+FLIPKERN_CUDA=0 skips them. If the build cannot run at all, the package
+still installs and compiles the extension on first use instead
+(flipkern/_extension.py), or falls back to the reference ops.
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the
+torch already in the environment.
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import importlib.util
+
+# The one list of sources and flags, shared with the build-on-first-use path. Loaded by
+# path because importing the flipkern package itself here would need torch and more.
+_spec = importlib.util.spec_from_file_location(
+    "flipkern_sources", os.path.join(os.path.dirname(os.path.abspath(__file__)), "flipkern", "_sources.py"))
+_sources = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_sources)
+
+ext_modules = []
+cmdclass = {}
+try:
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = _sources.want_cuda()
+    sources = _sources.source_files(with_cuda)
+    ext_cls = CUDAExtension if with_cuda else CppExtension
+    ext_modules.append(
+        ext_cls(
+            name="flipkern._C",
+            sources=[os.path.relpath(s) for s in sources],
+            extra_compile_args={"cxx": _sources.CXX_FLAGS, "nvcc": _sources.nvcc_flags()},
+            extra_link_args=_sources.LD_FLAGS,
+            include_dirs=_sources.include_dirs() if with_cuda else [],
+            py_limited_api=False,
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+except ImportError:
+    print("flipkern setup: torch not importable at build time; the extension will be "
+          "compiled on first use", file=sys.stderr)
+
+setup(
+    name="flipkern",
+    version="0.1.0",
+    description="Kernels for FLIP-style CLIP pretraining: token dropping, varlen attention, "
+                "chunked contrastive loss",
+    python_requires=">=3.10",
+    packages=find_packages(include=["flipkern", "flipkern.*"]) + ["flipkern.reference"],
+    package_dir={"flipkern.reference": "reference"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.6", "numpy", "tqdm", "pillow", "matplotlib"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja"],
+    },
+    entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main"]},
+)
