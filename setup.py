@@ -28,9 +28,12 @@ ext_modules = []
 cmdclass = {}
 try:
     import torch  # noqa: F401
+
+    # Before importing cpp_extension: cuda_status() points CUDA_HOME at the toolkit, which
+    # cpp_extension reads once, at import.
+    with_cuda = _sources.want_cuda()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = _sources.want_cuda()
     sources = _sources.source_files(with_cuda)
     ext_cls = CUDAExtension if with_cuda else CppExtension
     ext_modules.append(
@@ -43,7 +46,15 @@ try:
             py_limited_api=False,
         )
     )
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            # Record which sources this build is of: the loader skips a stale prebuilt
+            # _C (csrc/ edited after `pip install -e .`) and compiles the current sources.
+            _sources.write_build_info(with_cuda)
+
+    cmdclass["build_ext"] = BuildExt
 except ImportError:
     print("flipkern setup: torch not importable at build time; the extension will be "
           "compiled on first use", file=sys.stderr)

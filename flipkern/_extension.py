@@ -1,8 +1,9 @@
 """Loading the C++/CUDA extension: built ahead of time, or compiled on first use.
 
 State machine, run once per process (``load()``):
-1. ``import flipkern._C`` (built by setup.py). A stale build for another torch
-   raises ImportError here and we go on to 2.
+1. ``import flipkern._C`` (built by setup.py). A build for another torch, or of
+   sources that have changed since (flipkern/_build_info.json records their
+   hash), is skipped and we go on to 2.
 2. Otherwise compile csrc/ with torch.utils.cpp_extension + ninja into
    ``$FLIPKERN_CACHE`` (default ~/.cache/flipkern)/<torch version>-<cpu|cuda>-<source hash>
    and load it, printing one line while it compiles.
@@ -13,6 +14,7 @@ Op modules call ``on_load(fn)`` to register fake kernels and autograd for the
 C++ ops once the library (and so the op schemas) exists.
 """
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -30,6 +32,13 @@ def cache_root():
 
 
 def _import_prebuilt():
+    spec = importlib.util.find_spec("flipkern._C")
+    if spec is None:
+        raise ImportError("not built")
+    if os.path.isdir(_sources.CSRC):  # a source checkout: is the build of these sources?
+        current, why = _sources.prebuilt_is_current()
+        if not current:
+            raise ImportError(f"stale: {why}")
     mod = importlib.import_module("flipkern._C")
     return getattr(mod, "__file__", "flipkern._C")
 

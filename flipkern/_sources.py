@@ -82,14 +82,41 @@ def source_files(with_cuda):
     return cpp + cu
 
 
-def sources_hash(with_cuda):
-    """Hash of every source and header, the flags and the CUDA choice: the cache key."""
+BUILD_INFO = os.path.join(ROOT, "flipkern", "_build_info.json")
+
+
+def content_hash():
+    """Hash of every file under csrc/: tells whether a build is of the current sources."""
     h = hashlib.sha256()
-    files = sorted(glob.glob(os.path.join(CSRC, "*")))
-    for path in files:
+    for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
         h.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def sources_hash(with_cuda):
+    """The sources, the flags and the CUDA choice: the key of a build-on-first-use cache."""
+    h = hashlib.sha256(content_hash().encode())
     h.update(repr((CXX_FLAGS, LD_FLAGS, nvcc_flags(), with_cuda,
                    os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
     return h.hexdigest()[:16]
+
+
+def write_build_info(with_cuda):
+    import json
+    with open(BUILD_INFO, "w") as f:
+        json.dump({"content_hash": content_hash(), "cuda": bool(with_cuda)}, f)
+
+
+def prebuilt_is_current():
+    """(current, reason) for the ahead-of-time build recorded in BUILD_INFO."""
+    import json
+    try:
+        with open(BUILD_INFO) as f:
+            recorded = json.load(f)["content_hash"]
+    except (OSError, ValueError, KeyError):
+        return False, "no build record"
+    if recorded != content_hash():
+        return False, "csrc/ changed since it was built"
+    return True, ""

@@ -1,0 +1,93 @@
+"""The package, the extension build and the backend machinery."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flipkern as fk
+from flipkern import backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600)
+
+
+def test_info_command_lists_every_backend():
+    out = subprocess.run([sys.executable, "-m", "flipkern.info", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data["backends"]) == set(backends.BACKENDS)
+    assert data["torch"] == torch.__version__
+    for name, st in data["backends"].items():
+        assert st["why"], f"backend {name} has no reason given"
+
+
+@pytest.mark.skipif(not os.environ.get("FLIPKERN_REQUIRE_BACKENDS"),
+                    reason="set FLIPKERN_REQUIRE_BACKENDS=cpu,triton (CI does) to require backends")
+def test_required_backends_are_usable():
+    # CI sets this so that a broken build cannot turn into silently skipped kernel tests.
+    for name in os.environ["FLIPKERN_REQUIRE_BACKENDS"].split(","):
+        usable, why = backends.backend_status(name.strip())
+        assert usable, f"backend {name} required but not usable: {why}"
+
+
+@pytest.mark.skipif(os.environ.get("FLIPKERN_CUDA") != "1", reason="FLIPKERN_CUDA=1 not set")
+def test_cuda_kernels_compiled_and_linked():
+    st = fk.info()
+    assert st["cuda_kernels_compiled"], st["extension"]
+    # The CUDA kernels are registered with the dispatcher even with no GPU to run them.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("flipkern::drop_tokens", "CUDA")
+
+
+def test_import_without_extension_falls_back_with_one_warning():
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import flipkern as fk\n"
+        "    x = torch.randn(2, 5, 3); ids = torch.tensor([[0, 4], [1, 2]])\n"
+        "    a = fk.drop_tokens(x, ids); b = fk.drop_tokens(x, ids)\n"
+        "msgs = [str(m.message) for m in w if 'flipkern' in str(m.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'reference' in msgs[0], msgs\n"
+        "assert fk.backends_used()['drop_tokens'] == 'reference'\n"
+        "print('ok')\n"
+    )
+    out = _run(code, FLIPKERN_NO_EXTENSION="1")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="use_backend: name must be one of"):
+        with fk.use_backend("fortran"):
+            pass
+
+
+def test_forcing_a_backend_that_cannot_run_is_an_error():
+    x, ids = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 2]])
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
+        with fk.use_backend("cuda"):
+            fk.drop_tokens(x, ids)
+
+
+def test_default_backend_follows_device():
+    x, ids = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 2]])
+    fk.drop_tokens(x, ids)
+    expected = "cpu" if backends.backend_status("cpu")[0] else "reference"
+    assert fk.backends_used()["drop_tokens"] == expected
+    with fk.use_backend("reference"):
+        fk.drop_tokens(x, ids)
+    assert fk.backends_used()["drop_tokens"] == "reference"
+
+
+def test_reference_is_the_installed_subpackage():
+    import flipkern.reference as ref
+    assert ref.__name__ == "flipkern.reference"
+    assert hasattr(ref, "masking")
