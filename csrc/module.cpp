@@ -22,4 +22,14 @@ TORCH_LIBRARY(flipkern, m) {
   m.def("drop_tokens(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
   // grad_out [B, K, D] -> grad_x [B, num_tokens, D] (zeros where dropped; duplicates accumulate)
   m.def("drop_tokens_backward(Tensor grad_out, Tensor ids_keep, SymInt num_tokens) -> Tensor");
+
+  // --- variable-length attention (attention_cpu.cpp; on CUDA the Triton kernels run) ---
+  // q, k, v [total, H, Dh] packed, cu_seqlens int32 [B+1] -> (out [total, H, Dh],
+  // lse [H, total] in float32, float64 for float64 inputs: the per-row logsumexp of
+  // the scaled scores, all the backward keeps besides q, k, v and out).
+  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
+        "bool causal, float scale) -> (Tensor, Tensor)");
+  // -> (grad_q, grad_k, grad_v), each shaped and typed like q.
+  m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, SymInt max_seqlen, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,189 @@
+"""``flipkern-pretrain`` / ``python -m flipkern.pretrain``: FLIP-style CLIP pretraining.
+
+With no arguments it trains the "tiny" CLIP on the built-in synthetic
+shapes dataset (no download) with 50% of the image patches dropped, evaluates
+zero-shot accuracy on the held-out split and prints a summary line.
+Multi-process: ``torchrun --nproc_per_node N -m flipkern.pretrain ...``
+(gloo on CPU, nccl on GPU); ``--batch-size`` is the global batch, so the same
+command gives the same training with any number of processes.
+"""
+import argparse
+import os
+import sys
+
+PROG = "flipkern-pretrain"
+
+
+class CLIError(Exception):
+    """A bad argument or unusable data path: one error line, exit code 2."""
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _float(lo=None, hi=None, hi_open=False, lo_open=False):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {s!r}") from None
+        if v != v:
+            raise argparse.ArgumentTypeError("must not be nan")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {s}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi}, got {s}")
+        return v
+    return parse
+
+
+def _override(s):
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train-data", default=None,
+                   help="CSV/TSV file or tar shards (brace patterns, '::'-joined); default: the built-in "
+                        "synthetic dataset")
+    d.add_argument("--val-data", default=None, help="held-out data for evaluation (same formats)")
+    d.add_argument("--dataset-type", choices=["auto", "synthetic", "csv", "webdataset"], default="auto")
+    d.add_argument("--csv-img-key", default="filepath")
+    d.add_argument("--csv-caption-key", default="title")
+    d.add_argument("--csv-separator", default="\t", help="one character; '\\t' or 'tab' for a tab")
+    d.add_argument("--train-samples", type=_positive_int, default=200_000,
+                   help="synthetic: size of the training split (samples are generated on the fly)")
+    d.add_argument("--val-samples", type=_positive_int, default=1000,
+                   help="number of held-out samples evaluated (synthetic: size of the held-out split)")
+    d.add_argument("--synthetic-colours", default=None,
+                   help="comma list of colours for the synthetic dataset (classes = colours x shapes)")
+    d.add_argument("--synthetic-shapes", default=None, help="comma list of shapes for the synthetic dataset")
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset's content")
+    d.add_argument("--workers", type=_nonneg_int, default=1, help="DataLoader worker processes per rank")
+    d.add_argument("--bpe-vocab", default=None,
+                   help="path to a CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); default: byte tokenizer")
+    d.add_argument("--context-length", type=_positive_int, default=None,
+                   help="text tokens per caption (default: the model's)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="tiny", help="a preset of flipkern.reference.clip.PRESETS")
+    m.add_argument("--image-size", type=_positive_int, default=None, help="override the preset's image size")
+    m.add_argument("--patch-size", type=_positive_int, default=None, help="override the preset's patch size")
+    m.add_argument("--model-override", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra build_clip override, e.g. --model-override vision_width=128 (repeatable)")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="global contrastive batch per micro-step, over all processes")
+    t.add_argument("--accum-steps", type=_positive_int, default=1, help="gradient accumulation micro-steps")
+    t.add_argument("--lr", type=_float(0, lo_open=True), default=None, help="peak learning rate")
+    t.add_argument("--min-lr-ratio", type=_float(0, 1), default=0.05,
+                   help="final lr as a fraction of --lr (cosine end point)")
+    t.add_argument("--warmup-steps", type=_nonneg_int, default=None)
+    t.add_argument("--weight-decay", type=_float(0), default=0.1)
+    t.add_argument("--beta1", type=_float(0, 1, hi_open=True), default=0.9)
+    t.add_argument("--beta2", type=_float(0, 1, hi_open=True), default=0.98)
+    t.add_argument("--eps", type=_float(0, lo_open=True), default=1e-6)
+    t.add_argument("--grad-clip", type=_float(0), default=1.0, help="max grad norm (0: off)")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    t.add_argument("--mask-ratio", type=_float(0, 1, hi_open=True), default=0.5,
+                   help="fraction of image patches dropped (FLIP), in [0, 1)")
+    t.add_argument("--unmasked-tune-steps", type=_nonneg_int, default=0,
+                   help="the last N steps train with no masking (FLIP's unmasked tuning)")
+    t.add_argument("--seed", type=int, default=0, help="seeds model init, data order and masks")
+    fp = t.add_mutually_exclusive_group()
+    fp.add_argument("--fast-path", dest="fast_path", action="store_true", default=True,
+                    help="flipkern kernels (default)")
+    fp.add_argument("--no-fast-path", dest="fast_path", action="store_false", help="pure-PyTorch reference ops")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads per process (0: default)")
+    t.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip an optimizer step whose loss is nan/inf instead of stopping")
+
+    c = p.add_argument_group("output and checkpoints")
+    c.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
+    c.add_argument("--checkpoint-every", type=_nonneg_int, default=200, help="steps between checkpoints (0: only at the end)")
+    c.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, help="keep the last N (0: all)")
+    c.add_argument("--resume", default=None, help="checkpoint to resume from ('latest': the output dir's newest)")
+    c.add_argument("--no-auto-resume", dest="auto_resume", action="store_false", default=True,
+                   help="do not resume from the output dir's latest checkpoint")
+
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-every", type=_nonneg_int, default=0, help="steps between evaluations (0: only at the end)")
+    e.add_argument("--eval-batch-size", type=_positive_int, default=250)
+    e.add_argument("--no-eval", dest="eval", action="store_false", default=True, help="skip evaluation")
+    e.add_argument("--log-every", type=_positive_int, default=10, help="steps between metrics.jsonl records")
+    e.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no tqdm bar (it is also off when stderr is not a terminal)")
+    e.add_argument("--no-plot", dest="plot", action="store_false", default=True)
+
+    # test hooks, not shown in --help
+    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.unmasked_tune_steps and args.steps is not None and args.unmasked_tune_steps > args.steps:
+        parser.error(f"--unmasked-tune-steps {args.unmasked_tune_steps} exceeds --steps {args.steps}")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+    if args.precision == "fp16" and args.device == "cpu":
+        pass  # allowed: CPU autocast supports float16, with a GradScaler
+    if args.train_data is None and args.dataset_type in ("csv", "webdataset"):
+        parser.error(f"--dataset-type {args.dataset_type} needs --train-data")
+    if args.train_data is not None and args.dataset_type == "synthetic":
+        parser.error("--dataset-type synthetic takes no --train-data")
+    if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
+        parser.error(f"--resume: no such checkpoint file: {args.resume}")
+    if args.resume == "latest" and args.output_dir is None:
+        parser.error("--resume latest needs --output-dir")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from ..data.datasets import DataError
+    from .train import NonFiniteLoss, run
+
+    try:
+        result = run(args)
+    except (CLIError, DataError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    return 0 if result is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

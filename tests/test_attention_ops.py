@@ -1,0 +1,324 @@
+"""Variable-length attention against flipkern.reference on every backend usable here.
+
+The Triton kernels run in the interpreter (TRITON_INTERPRET=1) on CPU tensors, which
+is slow: their cases keep total tokens <= 64, H <= 2, Dh 16/32.
+"""
+import math
+
+import pytest
+import torch
+from _tolerance import assert_close_to_reference
+from conftest import usable_backends
+
+import flipkern as fk
+from flipkern.reference import attention as ref
+
+BACKENDS = usable_backends(fk.attention.ALL_BACKENDS)
+KERNELS = [b for b in BACKENDS if b != "reference"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+# Lengths with zero-length sequences, length 1, and one long sequence (several blocks of
+# every tile size the interpreter uses). Small enough for the interpreter.
+TRITON_LENGTHS = [0, 1, 5, 0, 33, 2, 17]
+CPU_LENGTHS = [0, 1, 7, 0, 77, 3, 40, 1, 0, 130]
+
+
+def _lengths(backend):
+    return TRITON_LENGTHS if backend == "triton" else CPU_LENGTHS
+
+
+def _cu(lengths):
+    return fk.cu_seqlens_from_lengths(torch.tensor(lengths, dtype=torch.int64))
+
+
+def _qkv(total, H, Dh, dtype, *, layout="contiguous"):
+    if layout == "qkv":  # q, k, v as strided views of one [total, 3, H, Dh] projection
+        qkv = torch.randn(total, 3, H, Dh, dtype=torch.float64).to(dtype)
+        return qkv.unbind(1)
+    return [torch.randn(total, H, Dh, dtype=torch.float64).to(dtype) for _ in range(3)]
+
+
+def _run(fn, q, k, v, g):
+    """fn(q, k, v) and its gradients for the upstream gradient g."""
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(qs, ks, vs)
+    out.backward(g.to(out.dtype))
+    return out.detach(), qs.grad, ks.grad, vs.grad
+
+
+def _check_against_reference(backend, lengths, H, Dh, dtype, causal, *, scale=None, layout="contiguous",
+                             device="cpu"):
+    cu = _cu(lengths).to(device)
+    total, max_len = sum(lengths), max(lengths, default=0)
+    q, k, v = (t.to(device) for t in _qkv(total, H, Dh, dtype, layout=layout))
+    g = torch.randn(total, H, Dh, dtype=torch.float64, device=device)
+
+    def ref_fn(a, b, c):
+        return ref.varlen_attention(a, b, c, cu, max_len, causal=causal, scale=scale)
+
+    with fk.use_backend(backend):
+        got = _run(lambda a, b, c: fk.varlen_attention(a, b, c, cu, max_len, causal=causal, scale=scale),
+                   q, k, v, g)
+    want64 = _run(ref_fn, q.double(), k.double(), v.double(), g)
+    want_lowp = _run(ref_fn, q, k, v, g) if dtype != torch.float64 else want64
+    for name, a, b64, blow in zip(("out", "dq", "dk", "dv"), got, want64, want_lowp):
+        assert a.dtype == dtype, f"{name} dtype {a.dtype}"
+        assert_close_to_reference(a, b64, blow, name=f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_matches_reference(backend, dtype, causal):
+    _check_against_reference(backend, _lengths(backend), 2, 16 if backend == "triton" else 32, dtype, causal)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("Dh", [16, 24, 32, 64, 80, 128, 256])
+def test_varlen_attention_head_dims(backend, Dh):
+    lengths = [3, 0, 20, 9] if backend == "triton" else [3, 0, 50, 9, 1]
+    _check_against_reference(backend, lengths, 1 if backend == "triton" else 3, Dh, torch.float32, True)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_strided_qkv_and_scale(backend, causal):
+    # q, k, v as views of one qkv projection (row stride 3*H*Dh), an explicit scale
+    lengths = [9, 0, 21] if backend == "triton" else [9, 0, 70, 21]
+    _check_against_reference(backend, lengths, 2, 16, torch.float32, causal, scale=0.37, layout="qkv")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("Dh", [32, 64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_cuda(dtype, Dh, causal):
+    # The compiled Triton kernels (default on CUDA tensors) with their GPU tile sizes.
+    lengths = [0, 1, 300, 77, 5, 0, 128, 64, 1000]
+    with fk.use_backend("triton"):
+        _check_against_reference("triton", lengths, 3, Dh, dtype, causal, device="cuda")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_long_sequence_cpu_blocks(causal):
+    # Long enough that the C++ kernel splits the query rows into several blocks.
+    if "cpu" not in BACKENDS:
+        pytest.skip("cpu backend not usable")
+    _check_against_reference("cpu", [600, 0, 5], 1, 16, torch.float32, causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", [[], [0], [0, 0, 0]], ids=["B=0", "one-empty", "all-empty"])
+def test_varlen_attention_empty(backend, lengths):
+    cu = _cu(lengths)
+    q, k, v = (torch.randn(0, 2, 16, requires_grad=True) for _ in range(3))
+    with fk.use_backend(backend):
+        out = fk.varlen_attention(q, k, v, cu, 0, causal=True)
+        assert out.shape == (0, 2, 16)
+        out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_max_seqlen_may_exceed_lengths(backend):
+    lengths = [4, 7]
+    cu = _cu(lengths)
+    q, k, v = _qkv(11, 1, 16, torch.float64)
+    with fk.use_backend(backend):
+        out = fk.varlen_attention(q, k, v, cu, 40)
+    torch.testing.assert_close(out, ref.varlen_attention(q, k, v, cu, 7))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_gradcheck(backend, causal):
+    lengths = [3, 0, 1, 4]
+    cu = _cu(lengths)
+    q, k, v = (t.requires_grad_() for t in _qkv(8, 2, 4, torch.float64))
+    with fk.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: fk.varlen_attention(a, b, c, cu, 4, causal=causal, scale=0.7), (q, k, v))
+
+
+def _ops(backend):
+    if backend == "triton":
+        return torch.ops.flipkern.varlen_attention_fwd_triton, torch.ops.flipkern.varlen_attention_bwd_triton
+    return torch.ops.flipkern.varlen_attention_fwd, torch.ops.flipkern.varlen_attention_bwd
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_opcheck(backend, causal):
+    fwd, bwd = _ops(backend)
+    lengths = [5, 0, 18, 1]
+    cu = _cu(lengths)
+    q, k, v = (t.requires_grad_() for t in _qkv(24, 2, 16, torch.float32))
+    torch.library.opcheck(fwd, (q, k, v, cu, 18, causal, 0.25))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), cu, 18, causal, 0.25)
+    g = torch.randn_like(out)
+    torch.library.opcheck(bwd, (g, q.detach(), k.detach(), v.detach(), out, lse, cu, 18, causal, 0.25))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_compiles_fullgraph(backend):
+    lengths = [5, 0, 18, 1]
+    cu = _cu(lengths)
+    q, k, v = _qkv(24, 2, 16, torch.float32)
+    lin = torch.nn.Linear(16, 16)
+
+    def f(q, k, v, cu):
+        return lin(fk.varlen_attention(q, k, v, cu, 18, causal=True)).square().sum()
+
+    grads = []
+    with fk.use_backend(backend):
+        for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            fn(qs, ks, vs, cu).backward()
+            grads.append((qs.grad, ks.grad, vs.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_varlen_attention_has_no_cuda_kernel():
+    q, k, v = _qkv(4, 1, 16, torch.float32)
+    with fk.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="no 'cuda' kernel"):
+            fk.varlen_attention(q, k, v, _cu([4]), 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_bad_input(backend):
+    lengths = [3, 0, 5]
+    cu = _cu(lengths)
+    q, k, v = _qkv(8, 2, 16, torch.float32)
+    va = fk.varlen_attention
+    with fk.use_backend(backend):
+        # structural: at the front door, for every backend
+        with pytest.raises(ValueError, match="k has shape"):
+            va(q, k[:, :1], v, cu, 5)
+        with pytest.raises(ValueError, match="v has shape"):
+            va(q, k, v[:7], cu, 5)
+        with pytest.raises(ValueError, match="q must be 3-D"):
+            va(q[0], k, v, cu, 5)
+        with pytest.raises(ValueError, match="k dtype"):
+            va(q, k.double(), v, cu, 5)
+        with pytest.raises(ValueError, match="cu_seqlens must have dtype"):
+            va(q, k, v, cu.long(), 5)
+        with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+            va(q, k, v, cu[None], 5)
+        with pytest.raises(ValueError, match="max_seqlen must be an int"):
+            va(q, k, v, cu, torch.tensor(5))
+        with pytest.raises(ValueError, match="max_seqlen must be >= 0"):
+            va(q, k, v, cu, -1)
+        with pytest.raises(ValueError, match="scale must be"):
+            va(q, k, v, cu, 5, scale="0.5")
+        if backend == "reference":
+            return
+        # values: inside the op, before any kernel runs
+        with pytest.raises((ValueError, RuntimeError), match=r"cu_seqlens\[0\] must be 0"):
+            va(q, k, v, torch.tensor([1, 3, 3, 8], dtype=torch.int32), 5)
+        with pytest.raises((ValueError, RuntimeError), match="cu_seqlens must be non-decreasing"):
+            va(q, k, v, torch.tensor([0, 3, 2, 8], dtype=torch.int32), 6)
+        with pytest.raises((ValueError, RuntimeError), match=r"cu_seqlens\[-1\] = 7 must equal"):
+            va(q, k, v, torch.tensor([0, 3, 3, 7], dtype=torch.int32), 5)
+        with pytest.raises((ValueError, RuntimeError), match="length 5 > max_seqlen = 4"):
+            va(q, k, v, cu, 4)
+
+
+def test_cu_seqlens_values_are_rechecked_after_an_in_place_change():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend not usable")
+    cu = _cu([3, 5])
+    q, k, v = _qkv(8, 1, 16, torch.float32)
+    with fk.use_backend("triton"):
+        fk.varlen_attention(q, k, v, cu, 5)
+        cu[1] = 9  # bumps the version counter: the cached check no longer holds
+        with pytest.raises(RuntimeError, match="non-decreasing"):
+            fk.varlen_attention(q, k, v, cu, 9)
+
+
+# ----------------------------------------------------------------------------- packing helpers
+
+def test_cu_seqlens_from_lengths():
+    cu = fk.cu_seqlens_from_lengths(torch.tensor([3, 0, 2]))
+    assert cu.dtype == torch.int32
+    assert cu.tolist() == [0, 3, 3, 5]
+    assert fk.cu_seqlens_from_lengths(torch.tensor([], dtype=torch.int64)).tolist() == [0]
+
+
+def test_pack_unpack_roundtrip():
+    lengths = torch.tensor([3, 0, 5, 1])
+    x = torch.randn(4, 6, 2, 3)
+    packed, cu = fk.pack(x, lengths)
+    assert packed.shape == (9, 2, 3) and cu.tolist() == [0, 3, 3, 8, 9]
+    torch.testing.assert_close(packed[3:8], x[2, :5], rtol=0, atol=0)
+    back = fk.unpack(packed, cu, 6)
+    valid = torch.arange(6)[None, :] < lengths[:, None]
+    torch.testing.assert_close(back[valid], x[valid], rtol=0, atol=0)
+    assert (back[~valid] == 0).all()
+
+
+def test_packed_from_padding_mask():
+    x = torch.randn(3, 5, 4)
+    pad = torch.tensor([[False, False, True, True, True],
+                        [True, True, True, True, True],
+                        [False, True, False, False, True]])  # valid tokens need not come first
+    packed, cu, max_seqlen = fk.packed_from_padding_mask(x, pad)
+    assert cu.tolist() == [0, 2, 2, 5] and max_seqlen == 3
+    torch.testing.assert_close(packed, torch.cat([x[0, :2], x[2, [0, 2, 3]]]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_equals_padded_attention_with_mask(backend, causal):
+    # The packed op on the valid tokens == the padded reference with a key padding mask.
+    B, N, H, Dh = 3, 9, 2, 16
+    lengths = torch.tensor([9, 0, 4]) if backend != "triton" else torch.tensor([9, 1, 4])
+    x = torch.randn(3, B, N, H, Dh, dtype=torch.float64)
+    pad = torch.arange(N)[None, :] >= lengths[:, None]
+    want = ref.attention(*(t.transpose(1, 2) for t in x), key_padding_mask=pad, causal=causal).transpose(1, 2)
+    q, cu = fk.pack(x[0], lengths)
+    k, _ = fk.pack(x[1], lengths)
+    v, _ = fk.pack(x[2], lengths)
+    with fk.use_backend(backend):
+        got = fk.varlen_attention(q, k, v, cu, int(lengths.max()), causal=causal)
+    valid = ~pad
+    torch.testing.assert_close(fk.unpack(got, cu, N)[valid], want[valid], rtol=1e-10, atol=1e-10)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    cu = _cu([5])
+    q, k, v = _qkv(5, 1, 16, torch.float64)
+    a = fk.varlen_attention(q, k, v, cu, 5)
+    b = fk.varlen_attention(q, k, v, cu, 5, scale=1 / math.sqrt(16))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- packed block
+
+def _block(dim=32, heads=2):
+    from flipkern.reference.vit import Block
+    return Block(dim, heads).double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_block_equals_reference_block(backend, causal):
+    from flipkern.packed import packed_block_forward
+    block = _block()
+    B, N = 4, 12
+    lengths = torch.tensor([12, 3, 5, 1])  # no empty sample: the padded reference gives it NaNs
+    x = torch.randn(B, N, 32, dtype=torch.float64)
+    pad = torch.arange(N)[None, :] >= lengths[:, None]
+    want = block(x, key_padding_mask=pad, causal=causal)
+    packed, cu = fk.pack(x, lengths)
+    with fk.use_backend(backend):
+        got = packed_block_forward(block, packed, cu, int(lengths.max()), causal)
+    valid = ~pad
+    torch.testing.assert_close(fk.unpack(got, cu, N)[valid], want[valid], rtol=1e-10, atol=1e-10)
+    # and the gradients of the shared parameters, from the valid positions only
+    g = torch.randn_like(got)
+    want_grads = torch.autograd.grad(want[valid], list(block.parameters()), g)
+    got_grads = torch.autograd.grad(got, list(block.parameters()), g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
