@@ -68,12 +68,15 @@ class CLIP(nn.Module):
         return self.head(self.visual(images, ids_keep), self.text(tokens))
 
     def loss(self, out, group=None):
-        # features in float32 for the loss, as open_clip does under autocast
-        img, txt = out["image_features"].float(), out["text_features"].float()
-        scale = out["logit_scale"].float()
+        img, txt, scale = (_at_least_fp32(out[k]) for k in ("image_features", "text_features", "logit_scale"))
         if self.cfg.loss == "siglip":
-            return losses.siglip_loss(img, txt, scale, out["logit_bias"].float(), group=group)
+            return losses.siglip_loss(img, txt, scale, _at_least_fp32(out["logit_bias"]), group=group)
         return losses.clip_loss(img, txt, scale, group=group)
+
+
+def _at_least_fp32(t):
+    # the loss in float32 when the towers ran in bf16/fp16 (autocast), as open_clip does
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _preset(embed_dim, image_size, patch_size, vw, vd, vh, tw, td, th, ctx=77, vocab=49408, eot=49407):
