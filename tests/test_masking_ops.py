@@ -1,7 +1,7 @@
 """Token-dropping ops against flipkern.reference on every backend usable here."""
 import pytest
 import torch
-from _tolerance import rounding_rtol
+from _tolerance import assert_close_to_reference, rounding_rtol
 from conftest import usable_backends
 
 import flipkern as fk
@@ -62,6 +62,22 @@ def test_drop_tokens_backward_matches_reference(backend, duplicates):
         fk.drop_tokens(xk, ids, pk).backward(g)
     torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pk.grad, pr.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_drop_tokens_backward_low_precision(backend, dtype):
+    # d(pos_embed) sums B rows per position; repeated ids accumulate in dx.
+    x, ids, pos = _inputs(16, 9, 8, 6, torch.float64, duplicates=True)
+    g = torch.randn(16, 6, 8, dtype=torch.float64)
+    grads = {}
+    for name, dt in (("ref64", torch.float64), ("ref", dtype), ("kernel", dtype)):
+        xi, pi = x.to(dt).detach().requires_grad_(), pos.to(dt).detach().requires_grad_()
+        with fk.use_backend(backend if name == "kernel" else "reference"):
+            fk.drop_tokens(xi, ids, pi).backward(g.to(dt))
+        grads[name] = (xi.grad, pi.grad)
+    for i, what in enumerate(("dx", "d(pos_embed)")):
+        assert_close_to_reference(grads["kernel"][i], grads["ref64"][i], grads["ref"][i], atol=1e-6, name=what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
