@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "checks.h"
 #include "masking_index.h"
@@ -26,12 +27,68 @@ inline void copy_run(T* __restrict__ dst, const T* __restrict__ src, int64_t n, 
   }
 }
 
-// dst[0:n] += src[0:n*stride:stride], one rounding per add (as PyTorch's scatter_add).
+// The position add is the only arithmetic here; memory-bound only when it runs in
+// vector registers. The build targets baseline x86-64 (SSE2), so on GCC/x86-64 the
+// add loops are also compiled for AVX2 and AVX-512 and the best one is picked at
+// load time (target_clones).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FK_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FK_VECTOR_CLONES
+#endif
+
+// out = a + b, one rounding, for the layouts with contiguous rows.
+FK_VECTOR_CLONES void add_contiguous(float* __restrict__ out, const float* __restrict__ a,
+                                     const float* __restrict__ b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+FK_VECTOR_CLONES void add_contiguous(double* __restrict__ out, const double* __restrict__ a,
+                                     const double* __restrict__ b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+// bfloat16 as bit operations on the raw values, which the compiler vectorizes
+// (c10::BFloat16's conversions it does not): widen by a shift, add in float, round
+// to nearest even and map NaN to 0x7FC0 exactly as c10::BFloat16 does, so the result
+// is bit-identical to PyTorch's bfloat16 add.
+FK_VECTOR_CLONES void add_contiguous_bf16(uint16_t* __restrict__ out, const uint16_t* __restrict__ a,
+                                          const uint16_t* __restrict__ b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t ua = static_cast<uint32_t>(a[i]) << 16, ub = static_cast<uint32_t>(b[i]) << 16;
+    float fa, fb;
+    std::memcpy(&fa, &ua, sizeof(float));
+    std::memcpy(&fb, &ub, sizeof(float));
+    const float sum = fa + fb;
+    uint32_t u;
+    std::memcpy(&u, &sum, sizeof(float));
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    out[i] = sum != sum ? static_cast<uint16_t>(0x7FC0) : rounded;
+  }
+}
+
+inline void add_contiguous(at::BFloat16* out, const at::BFloat16* a, const at::BFloat16* b, int64_t n) {
+  static_assert(sizeof(at::BFloat16) == sizeof(uint16_t), "bfloat16 is 16 bits");
+  add_contiguous_bf16(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(a),
+                      reinterpret_cast<const uint16_t*>(b), n);
+}
+
+// Any other type or layout: through opmath (float for half), one rounding per add
+// (as PyTorch's add and scatter_add). out may be a (an accumulation).
 template <typename T>
-inline void add_run(T* __restrict__ dst, const T* __restrict__ src, int64_t n, int64_t stride) {
+inline void add_strided(T* out, const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
   using opmath_t = at::opmath_type<T>;
   for (int64_t i = 0; i < n; ++i)
-    dst[i] = static_cast<T>(static_cast<opmath_t>(dst[i]) + static_cast<opmath_t>(src[i * stride]));
+    out[i] = static_cast<T>(static_cast<opmath_t>(a[i * sa]) + static_cast<opmath_t>(b[i * sb]));
+}
+
+// out[0:n] = a[0:n*sa:sa] + b[0:n*sb:sb]; out does not overlap a or b.
+template <typename T>
+inline void add_run(T* out, const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, at::BFloat16>) {
+    if (sa == 1 && sb == 1) return add_contiguous(out, a, b, n);
+  }
+  add_strided(out, a, sa, b, sb, n);
 }
 
 // Rows of `row_elems` values per parallel task: enough to amortize the scheduling.
@@ -50,7 +107,6 @@ at::Tensor drop_tokens_cpu(const at::Tensor& x, const at::Tensor& ids,
   const int64_t spn = has_pos ? pos_embed->stride(0) : 0, spd = has_pos ? pos_embed->stride(1) : 0;
   auto ids_a = ids.accessor<int64_t, 2>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "drop_tokens_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* pp = has_pos ? pos_embed->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -66,15 +122,7 @@ at::Tensor drop_tokens_cpu(const at::Tensor& x, const at::Tensor& ids,
           copy_run(orow, xr, D, sx.d);
           continue;
         }
-        const scalar_t* __restrict__ pr = pp + n * spn;
-        if (sx.d == 1 && spd == 1) {  // the common layout: a loop the compiler vectorizes
-          for (int64_t d = 0; d < D; ++d)
-            orow[d] = static_cast<scalar_t>(static_cast<opmath_t>(xr[d]) + static_cast<opmath_t>(pr[d]));
-        } else {
-          for (int64_t d = 0; d < D; ++d)
-            orow[d] = static_cast<scalar_t>(static_cast<opmath_t>(xr[d * sx.d]) +
-                                            static_cast<opmath_t>(pr[d * spd]));
-        }
+        add_run(orow, xr, sx.d, pp + n * spn, spd, D);
       }
     });
   });
@@ -101,8 +149,10 @@ at::Tensor drop_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& id
     // indices accumulate without atomics.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
-        for (int64_t k = 0; k < K; ++k)
-          add_run(dp + (b * num_tokens + ids_a[b][k]) * D, gp + offset3(sg, b, k, 0), D, sg.d);
+        for (int64_t k = 0; k < K; ++k) {
+          scalar_t* dst = dp + (b * num_tokens + ids_a[b][k]) * D;
+          add_strided(dst, dst, 1, gp + offset3(sg, b, k, 0), sg.d, D);
+        }
     });
   });
   return dx;
@@ -157,7 +207,10 @@ at::Tensor gather_patches_backward_cpu(const at::Tensor& grad, const at::Tensor&
         for (int64_t k = 0; k < K; ++k) {
           scalar_t* dst = dp + patch_origin(g, b, ids_a[b][k]);
           const scalar_t* src = gp + offset3(sg, b, k, 0);
-          for (int64_t e = 0; e < E; e += p) add_run(dst + patch_element(g, e), src + e * sg.d, p, sg.d);
+          for (int64_t e = 0; e < E; e += p) {
+            scalar_t* d = dst + patch_element(g, e);
+            add_strided(d, d, 1, src + e * sg.d, sg.d, p);  // dimages is contiguous: sw = 1
+          }
         }
       }
     });
