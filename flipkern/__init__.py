@@ -30,6 +30,7 @@ _alias_reference()
 from . import reference  # noqa: E402
 from .backends import backends_used, use_backend  # noqa: E402
 from .masking import drop_tokens  # noqa: E402
+from .losses import clip_loss, siglip_loss  # noqa: E402
 from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
                         varlen_attention)
 
@@ -41,4 +42,5 @@ def info():
 
 
 __all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens",
+           "clip_loss", "siglip_loss",
            "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask"]
