@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #ifndef FK_HOST_DEVICE
 #if defined(__CUDACC__)
@@ -188,6 +189,17 @@ inline void check_siglip(const at::Tensor& image, const at::Tensor& all_text,
   check_scalar(scale, "logit_scale", image, op);
   check_scalar(bias, "logit_bias", image, op);
   check_rows(offset, image.size(0), all_text.size(0), chunk_size, op);
+}
+
+// The forward's per-row statistics handed to the backward: [local_batch] in the math dtype.
+inline void check_lse(const at::Tensor& lse_image, const at::Tensor& lse_text, int64_t local_batch,
+                      at::ScalarType acc, const char* op) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_image, "lse_image"},
+                                {lse_text, "lse_text"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == local_batch && t.scalar_type() == acc, "flipkern.", op,
+                ": ", name, " must be [local_batch] = [", local_batch, "] of ", acc, ", got ",
+                t.sizes(), " of ", t.scalar_type());
+  }
 }
 
 // Sum over the local samples of scale * <a_i, b_i>: the logits of the positive pairs.

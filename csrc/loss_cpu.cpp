@@ -209,12 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
   loss::check_clip(all_image, all_text, logit_scale, offset, local_batch, chunk_size, op_name);
   const auto op = loss::opmath_type(all_image.scalar_type());
   const int64_t b = local_batch;
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_image, "lse_image"},
-                                {lse_text, "lse_text"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == b && t.scalar_type() == op, "flipkern.", op_name,
-                ": ", name, " must be [local_batch] = [", b, "] of ", op, ", got ", t.sizes(),
-                " of ", t.scalar_type());
-  }
+  loss::check_lse(lse_image, lse_text, b, op, op_name);
   const auto I = all_image.to(op), T = all_text.to(op);
   const int64_t N = I.size(0);
   const double s = logit_scale.item<double>();
