@@ -115,7 +115,7 @@ double softplus_sum(const at::Tensor& A, const at::Tensor& B, double s, double b
 struct PassGrad {
   Kind kind;
   double scale, bias;      // bias: sigmoid only
-  double coef, pos_coef;   // G = coef * (softmax or sigmoid); positives: G -= pos_coef
+  double coef, pos_coef;   // G = coef * (softmax or sigmoid); positives: G -= pos_coef (GradCoef)
   int64_t offset;          // positive column of row i is offset + i
   at::Tensor row_lse;      // softmax: [r]
   at::Tensor col_lse;      // softmax, square matrix only: [N] (else undefined)
@@ -216,15 +216,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
   const double g = grad.item<double>();
   auto dI = at::zeros_like(I), dT = at::zeros_like(T);
   double dscale = 0;
+  const auto c = loss::clip_coef(b, b == N);
+  const double coef = g / c.div, pos_coef = coef * c.pos_mult;
   AT_DISPATCH_FLOATING_TYPES(op, "clip_loss_bwd_cpu", [&] {
-    const double coef = loss::clip_coef<double>(g, b);
-    if (b == N) {
-      // Each positive is in both directions: -coef per direction.
-      PassGrad p{Kind::Softmax, s, 0.0, coef, 2 * coef, 0, lse_image, lse_text};
+    if (b == N) {  // one matrix holds both directions: its rows and its columns
+      PassGrad p{Kind::Softmax, s, 0.0, coef, pos_coef, 0, lse_image, lse_text};
       dscale = pass_backward<scalar_t>(p, I, T, chunk_size, dI, dT).first;
     } else {
-      PassGrad pi{Kind::Softmax, s, 0.0, coef, coef, offset, lse_image, at::Tensor()};
-      PassGrad pt{Kind::Softmax, s, 0.0, coef, coef, offset, lse_text, at::Tensor()};
+      PassGrad pi{Kind::Softmax, s, 0.0, coef, pos_coef, offset, lse_image, at::Tensor()};
+      PassGrad pt{Kind::Softmax, s, 0.0, coef, pos_coef, offset, lse_text, at::Tensor()};
       dscale = pass_backward<scalar_t>(pi, I.narrow(0, offset, b), T, chunk_size,
                                        dI.narrow(0, offset, b), dT).first;
       dscale += pass_backward<scalar_t>(pt, T.narrow(0, offset, b), I, chunk_size,
@@ -266,9 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cpu(
   const double g = grad.item<double>();
   auto dI = at::zeros_like(I), dT = at::zeros_like(T);
   double dscale = 0, dbias = 0;
+  const auto c = loss::siglip_coef(b);
+  const double coef = g / c.div;
   AT_DISPATCH_FLOATING_TYPES(op, "siglip_loss_bwd_cpu", [&] {
-    const double coef = loss::siglip_coef<double>(g, b);
-    PassGrad p{Kind::Sigmoid, s, bias, coef, coef, offset, at::Tensor(), at::Tensor()};
+    PassGrad p{Kind::Sigmoid, s, bias, coef, coef * c.pos_mult, offset, at::Tensor(), at::Tensor()};
     std::tie(dscale, dbias) = pass_backward<scalar_t>(p, I, T, chunk_size, dI, dT);
   });
   return {dI.to(image.scalar_type()), dT.to(all_text.scalar_type()),

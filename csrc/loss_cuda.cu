@@ -201,7 +201,7 @@ void pass_stats(const Pass& p, const at::Tensor& scale, const at::Tensor& bias, 
 struct PassGrad {
   Pass pass;
   at::Tensor row_lse, col_lse;   // softmax; col_lse only for the square CLIP matrix
-  double coef_div, pos_mult;     // coef = grad / coef_div; positives get -coef * pos_mult
+  loss::GradCoef coef;           // coef = grad / div; positives get -coef * pos_mult
 };
 
 // dA [r, D] += scale * G @ B, dB [N, D] += scale * G^T @ A (both in the accumulation
@@ -226,13 +226,13 @@ void pass_backward(const PassGrad& pg, const at::Tensor& grad, const at::Tensor&
         grad_kernel<scalar_t, kSoftmax><<<nr, kThreads, 0, stream>>>(
             G.mutable_data_ptr<scalar_t>(), N, r0, p.offset, lr, lc, scale.const_data_ptr<scalar_t>(),
             bias.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-            static_cast<scalar_t>(pg.coef_div), static_cast<scalar_t>(pg.pos_mult),
+            static_cast<scalar_t>(pg.coef.div), static_cast<scalar_t>(pg.coef.pos_mult),
             part.mutable_data_ptr<scalar_t>(), nr);
       else
         grad_kernel<scalar_t, kSigmoid><<<nr, kThreads, 0, stream>>>(
             G.mutable_data_ptr<scalar_t>(), N, r0, p.offset, lr, lc, scale.const_data_ptr<scalar_t>(),
             bias.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-            static_cast<scalar_t>(pg.coef_div), static_cast<scalar_t>(pg.pos_mult),
+            static_cast<scalar_t>(pg.coef.div), static_cast<scalar_t>(pg.coef.pos_mult),
             part.mutable_data_ptr<scalar_t>(), nr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -281,14 +281,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cuda(
   auto dI = at::zeros(all_image.sizes(), all_image.options().dtype(acc));
   auto dT = at::zeros_like(dI);
   auto part = at::zeros({2}, dI.options());
-  if (b == N) {  // each positive is in both directions
-    pass_backward({{kSoftmax, all_image, all_text, 0}, lse_image, lse_text, 2.0 * b, 2.0}, g, s, s,
-                  chunk_size, dI, dT, part);
+  if (b == N) {  // one matrix holds both directions: its rows and its columns
+    const PassGrad pg{{kSoftmax, all_image, all_text, 0}, lse_image, lse_text, loss::clip_coef(b, true)};
+    pass_backward(pg, g, s, s, chunk_size, dI, dT, part);
   } else {
-    pass_backward({{kSoftmax, all_image.narrow(0, offset, b), all_text, offset}, lse_image,
-                   at::Tensor(), 2.0 * b, 1.0}, g, s, s, chunk_size, dI.narrow(0, offset, b), dT, part);
-    pass_backward({{kSoftmax, all_text.narrow(0, offset, b), all_image, offset}, lse_text,
-                   at::Tensor(), 2.0 * b, 1.0}, g, s, s, chunk_size, dT.narrow(0, offset, b), dI, part);
+    const auto c = loss::clip_coef(b, false);
+    const PassGrad pi{{kSoftmax, all_image.narrow(0, offset, b), all_text, offset}, lse_image, {}, c};
+    const PassGrad pt{{kSoftmax, all_text.narrow(0, offset, b), all_image, offset}, lse_text, {}, c};
+    pass_backward(pi, g, s, s, chunk_size, dI.narrow(0, offset, b), dT, part);
+    pass_backward(pt, g, s, s, chunk_size, dT.narrow(0, offset, b), dI, part);
   }
   return {dI.to(all_image.scalar_type()), dT.to(all_text.scalar_type()),
           part[0].to(logit_scale.scalar_type())};
@@ -323,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cuda(
   auto dI = at::zeros(image.sizes(), image.options().dtype(acc));
   auto dT = at::zeros(all_text.sizes(), dI.options());
   auto part = at::zeros({2}, dI.options());
-  pass_backward({{kSigmoid, image, all_text, offset}, at::Tensor(), at::Tensor(),
-                 static_cast<double>(b), 1.0}, g, s, bias, chunk_size, dI, dT, part);
+  const PassGrad pg{{kSigmoid, image, all_text, offset}, {}, {}, loss::siglip_coef(b)};
+  pass_backward(pg, g, s, bias, chunk_size, dI, dT, part);
   return {dI.to(image.scalar_type()), dT.to(all_text.scalar_type()),
           part[0].to(logit_scale.scalar_type()), part[1].to(logit_bias.scalar_type())};
 }
