@@ -13,7 +13,8 @@
 //            sigmoid: the sum of softplus over the tile.
 //   backward recomputes each tile, turns it into dLoss/dS = G in place, and
 //            accumulates dA += scale * G @ B (rows owned by this task) and
-//            dB += scale * G^T @ A (a per-task [N, D] accumulator, summed in task
+//            dB += scale * G^T @ A (a per-task [N, D] accumulator, tasks capped so
+//            that these stay under ~1 GiB together, summed in task
 //            order at the end: deterministic, no atomics), plus sum(G * A B^T) for
 //            the scale gradient and sum(G) for the bias gradient.
 // float16/bfloat16 features are computed in float32, float64 in float64.
@@ -22,6 +23,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "loss_chunks.h"
@@ -45,10 +48,13 @@ void merge_lse(at::Tensor& dst, const at::Tensor& src) {
   for (int64_t k = 0; k < dst.numel(); ++k) d[k] = loss::log_add_exp(d[k], p[k]);
 }
 
-// Runs fn(task_begin, task_end) over the row chunks on the intra-op threads.
+// Runs fn(task_begin, task_end) over the row chunks on the intra-op threads, in at
+// most max_tasks tasks.
 template <typename Fn>
-void for_row_chunks(int64_t n_chunks, const Fn& fn) {
-  at::parallel_for(0, n_chunks, 1, [&](int64_t t0, int64_t t1) {
+void for_row_chunks(int64_t n_chunks, const Fn& fn, int64_t max_tasks = INT64_MAX) {
+  const int64_t tasks = std::max<int64_t>(1, std::min(max_tasks, n_chunks));
+  const int64_t grain = std::max<int64_t>(1, (n_chunks + tasks - 1) / tasks);
+  at::parallel_for(0, n_chunks, grain, [&](int64_t t0, int64_t t1) {
     // Worker threads do not inherit the dispatcher's thread-local state: skip
     // autograd explicitly (the inputs may require grad; these are kernel internals).
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -129,6 +135,10 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, 
   const Chunks rows{A.size(0), chunk}, cols{B.size(0), chunk};
   std::vector<at::Tensor> dB_part(rows.count());
   std::vector<double> ds_part(rows.count(), 0.0), db_part(rows.count(), 0.0);
+  // Each task holds a [N, D] accumulator: cap their total at ~1 GiB (or one task), so
+  // a many-core machine does not multiply the gradient's memory by its thread count.
+  const int64_t acc_bytes = std::max<int64_t>(1, dB.numel() * dB.element_size());
+  const int64_t max_tasks = std::max<int64_t>(1, (int64_t(1) << 30) / acc_bytes);
   for_row_chunks(rows.count(), [&](int64_t t0, int64_t t1) {
     at::Tensor dBt = at::zeros_like(dB);
     for (int64_t k = t0; k < t1; ++k) {
@@ -165,7 +175,7 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, 
       db_part[k] = db;
     }
     dB_part[t0] = dBt;
-  });
+  }, max_tasks);
   for (const auto& part : dB_part)
     if (part.defined()) dB.add_(part);
   double ds = 0, db = 0;
