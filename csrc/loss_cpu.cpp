@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "loss_chunks.h"
@@ -95,6 +96,9 @@ void softmax_stats(const at::Tensor& A, const at::Tensor& B, double s, int64_t c
   }
 }
 
+template <typename T>
+constexpr double kSoftplusThreshold = std::is_same_v<T, double> ? 40.0 : 20.0;
+
 // Sigmoid: sum over the pass of softplus(s * A @ B^T + bias) (positives not yet subtracted).
 template <typename T>
 double softplus_sum(const at::Tensor& A, const at::Tensor& B, double s, double bias, int64_t chunk) {
@@ -106,7 +110,9 @@ double softplus_sum(const at::Tensor& A, const at::Tensor& B, double s, double b
       double acc = 0;
       for (int64_t c = 0; c < cols.count(); ++c) {
         auto X = at::mm(a, B.narrow(0, cols.begin(c), cols.length(c)).t()).mul_(s).add_(bias);
-        acc += at::softplus(X, 1, 20).sum().template item<double>();
+        // softplus returns x above the threshold: exact to the dtype's precision once
+        // exp(-threshold) is below its epsilon
+        acc += at::softplus(X, 1, kSoftplusThreshold<T>).sum().template item<double>();
       }
       part[k] = acc;
     }
@@ -130,8 +136,9 @@ struct PassGrad {
 // Accumulates dA [r, D] += scale * G @ B and dB [N, D] += scale * G^T @ A for one pass;
 // returns (sum G * (A @ B^T), sum G) for the scale and bias gradients.
 template <typename T>
-std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, const at::Tensor& B,
-                              int64_t chunk, at::Tensor dA, at::Tensor& dB) {
+std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A,
+                                        const at::Tensor& B, int64_t chunk, at::Tensor dA,
+                                        at::Tensor& dB) {
   const Chunks rows{A.size(0), chunk}, cols{B.size(0), chunk};
   std::vector<at::Tensor> dB_part(rows.count());
   std::vector<double> ds_part(rows.count(), 0.0), db_part(rows.count(), 0.0);
@@ -164,7 +171,8 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, 
         loss::positives_in_tile(r0, nr, c0, nc, p.offset, lo, hi);
         if (hi > lo) {
           auto g = G.accessor<T, 2>();
-          for (int64_t i = lo; i < hi; ++i) g[i - r0][loss::positive_col(i, p.offset) - c0] -= p.pos_coef;
+          for (int64_t i = lo; i < hi; ++i)
+            g[i - r0][loss::positive_col(i, p.offset) - c0] -= p.pos_coef;
         }
         ds += (G * raw).sum().template item<double>();
         if (p.kind == Kind::Sigmoid) db += G.sum().template item<double>();
