@@ -7,8 +7,8 @@ where the naive loss is skipped when its logits alone would not fit.
 Goal at B=16,384 on CPU: peak memory <= 1/10 of the naive loss, time <= 1.2x.
 
 Peak memory (extra_info["peak_mem_bytes"]) is measured once per case, apart from the
-timing: on CPU in a fresh subprocess as the ru_maxrss increase of one fwd+bwd (see
-loss_memory.py), on CUDA as torch.cuda.max_memory_allocated above the baseline.
+timing: on CPU in a fresh subprocess as the peak RSS (VmHWM) increase of one fwd+bwd
+(see loss_memory.py), on CUDA as torch.cuda.max_memory_allocated above the baseline.
 The 65,536 check (flipkern completes within 24 GB on CPU, where the naive loss's
 matrices alone would take ~70 GB) is `python benchmarks/loss_memory.py --batch 65536`.
 """

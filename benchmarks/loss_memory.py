@@ -1,10 +1,13 @@
 """Peak memory of one contrastive-loss forward + backward, measured honestly.
 
-CPU: in a fresh subprocess (so no earlier allocation has raised the high-water
-mark), after the inputs exist and one tiny warm-up call has loaded the extension
-and started the thread pool, we read ru_maxrss (the process's peak resident set,
-every page the allocator actually touched), run fwd+bwd once, and read it again.
-The difference is the peak extra memory the loss needed, its gradients included.
+CPU: in a fresh subprocess, after the inputs exist and one tiny warm-up call has
+loaded the extension and started the thread pool, we reset the kernel's resident
+set high-water mark (writing 5 to /proc/self/clear_refs sets VmHWM to the current
+VmRSS), run fwd+bwd once and read VmHWM from /proc/self/status: every page the
+allocator actually touched counts. Peak minus the RSS before the call is the extra
+memory the loss needed, its gradients included. (Not getrusage's ru_maxrss: Linux
+carries it over fork + exec, so a subprocess of a big parent starts with the
+parent's peak.)
 CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus what
 was allocated before the call (in-process: the CUDA caching allocator's stats are
 exact and per process).
@@ -17,7 +20,6 @@ exits non-zero if the process peak exceeds the limit (or the run fails).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -64,20 +66,27 @@ def make_step(impl, batch, dim, device, dtype):
     return step
 
 
-def _maxrss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _child(impl, batch, dim):
-    """Runs in the fresh subprocess: prints {"peak_delta_bytes", "peak_bytes", "seconds"}."""
+    """Runs in the fresh subprocess: prints {"peak_delta_bytes", "peak_bytes", "seconds"}
+    (peak_bytes: the whole process's peak RSS during the call)."""
     import torch
     make_step(impl, 8, dim, "cpu", torch.float32)()  # load the extension, start the threads
     step = make_step(impl, batch, dim, "cpu", torch.float32)
-    before = _maxrss_bytes()
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
-    peak = _maxrss_bytes()
+    peak = _status_bytes("VmHWM")
     print(json.dumps({"peak_delta_bytes": peak - before, "peak_bytes": peak, "seconds": seconds}))
 
 
