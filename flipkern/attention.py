@@ -7,11 +7,12 @@ sequence b owning rows cu_seqlens[b] .. cu_seqlens[b+1]-1 of the int32 offsets
 cu_seqlens [B+1]. Attention runs within each sequence only; no padding is ever
 computed.
 
-Backends: ``cpu`` is the C++ op pair ``flipkern::varlen_attention_fwd/_bwd``
-(csrc/attention_cpu.cpp); ``triton`` the Python custom ops
-``flipkern::varlen_attention_fwd_triton/_bwd_triton`` (triton_kernels/attention.py),
-the default on CUDA tensors; ``reference`` is flipkern.reference.attention. There
-is no CUDA C++ kernel for attention: ``use_backend("cuda")`` raises for it.
+Backends: ``cpu`` and ``cuda`` are the C++ op pair ``flipkern::varlen_attention_fwd/_bwd``
+(csrc/attention_cpu.cpp: tiled ATen matmuls, parallel over sequences and heads;
+csrc/attention_cuda.cu: a plain warp-per-row kernel, correct but not tuned);
+``triton`` the Python custom ops ``flipkern::varlen_attention_fwd_triton/_bwd_triton``
+(triton_kernels/attention.py), the fast GPU path and the default on CUDA tensors;
+``reference`` is flipkern.reference.attention.
 """
 import math
 
@@ -21,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _checks, _extension, backends
 from .reference import attention as ref
 
-ALL_BACKENDS = ("reference", "cpu", "triton")
+ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
 # ----------------------------------------------------------------------------- packing helpers
