@@ -167,6 +167,19 @@ def test_varlen_attention_max_seqlen_may_exceed_lengths(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+def test_varlen_attention_strided_cu_seqlens(backend):
+    # A strided view of the offsets: the kernels must read its values, not its storage.
+    lengths = [4, 0, 7, 2]
+    cu = _cu(lengths)
+    spread = torch.stack([cu, torch.full_like(cu, 1000)], 1).reshape(-1)[::2]
+    assert not spread.is_contiguous()
+    q, k, v = _qkv(13, 2, 16, torch.float64)
+    with fk.use_backend(backend):
+        got = fk.varlen_attention(q, k, v, spread, 7, causal=True)
+    torch.testing.assert_close(got, ref.varlen_attention(q, k, v, cu, 7, causal=True))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_attention_gradcheck(backend, causal):
     lengths = [3, 0, 1, 4]

@@ -252,6 +252,7 @@ def _lse_dtype(dtype):
 def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
     B = cu_seqlens.shape[0] - 1
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     out = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total), dtype=_lse_dtype(q.dtype), device=q.device)
     if total == 0 or H == 0 or B == 0 or max_seqlen == 0:
@@ -271,6 +272,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
     B = cu_seqlens.shape[0] - 1
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     dq = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
