@@ -106,8 +106,9 @@ _validated = WeakIdKeyDictionary()
 
 def _check_cu_seqlens_values(op, cu, total, max_seqlen):
     """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total, every length <= max_seqlen; eager only."""
-    key = (cu._version, int(total))
-    hit = _validated.get(cu)
+    # Inference tensors have no version counter to tell an in-place change: always check those.
+    key = None if cu.is_inference() else (cu._version, int(total))
+    hit = _validated.get(cu) if key is not None else None
     if hit is not None and hit[0] == key and max_seqlen >= hit[1]:
         return
     c = cu.to(torch.int64)
@@ -130,7 +131,8 @@ def _check_cu_seqlens_values(op, cu, total, max_seqlen):
     if last != total:
         raise RuntimeError(f"flipkern.{op}: cu_seqlens[-1] = {last} must equal the number of packed "
                            f"rows of q ({total})")
-    _validated[cu] = (key, longest)
+    if key is not None:
+        _validated[cu] = (key, longest)
 
 
 def _resolve_scale(op, scale, Dh):

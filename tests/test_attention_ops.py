@@ -310,6 +310,20 @@ def test_cu_seqlens_values_are_rechecked_after_an_in_place_change():
             fk.varlen_attention(q, k, v, cu, 9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_in_inference_mode(backend):
+    # Inference tensors (no version counter, no autograd) must work too.
+    with torch.inference_mode():
+        cu = _cu([3, 5])
+        q, k, v = _qkv(8, 2, 16, torch.float64)
+        with fk.use_backend(backend):
+            got = fk.varlen_attention(q, k, v, cu, 5, causal=True)
+            got_again = fk.varlen_attention(q, k, v, cu, 5, causal=True)
+    want = ref.varlen_attention(q, k, v, cu, 5, causal=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_again, want)
+
+
 # ----------------------------------------------------------------------------- packing helpers
 
 def test_cu_seqlens_from_lengths():
