@@ -136,6 +136,45 @@ def test_varlen_attention_saves_no_score_matrix(backend, causal):
     assert sorted(saved) == sorted([(total, 2, 16)] * 4 + [(2, total), (len(lengths) + 1,)]), saved
 
 
+# Shared memory per thread block on sm_80 (A100), the smallest of the GPUs the tiles target.
+SM80_SHARED_BYTES = 166912
+
+
+@pytest.mark.parametrize("dtype,Dh", [(torch.bfloat16, 128), (torch.float32, 256)],
+                         ids=["bf16-Dh128", "fp32-Dh256"])
+def test_triton_gpu_tiles_compile_for_sm80(dtype, Dh):
+    # The GPU tile sizes (which the interpreter never uses) compile ahead of time for
+    # sm_80 and fit in its shared memory; no GPU needed. The two cases hold the largest
+    # tiles: bf16 forward at Dh <= 128 and the fp32 backward at Dh = 256.
+    pytest.importorskip("triton")
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flipkern.triton_kernels import attention as tk
+    elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    stats_ptrs = {"LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32"}
+    for kernel, backward in ((tk._fwd_kernel, False), (tk._bwd_dkdv_kernel, True), (tk._bwd_dq_kernel, True)):
+        BM, BN, warps, stages = tk._blocks(Dh, dtype, torch.device("cuda"), backward=backward)
+        consts = dict(CAUSAL=True, ACC=tk._acc(dtype), PREC=tk._prec(dtype), UPCAST=False,
+                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=tk._block_d(Dh))
+        signature = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in stats_ptrs:
+                signature[name] = stats_ptrs[name]
+            elif name.isupper():  # Q, K, V, O, DO, DQ, DK, DV: tensors of the input dtype
+                signature[name] = f"*{elem}"
+            else:
+                signature[name] = "fp32" if "scale" in name else "i32"
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton_compile(src, target=GPUTarget("cuda", 80, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        assert compiled.metadata.shared <= SM80_SHARED_BYTES, (kernel.fn.__name__, compiled.metadata.shared)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_attention_long_sequence_cpu_blocks(causal):
     # Long enough that the C++ kernel splits the query rows into several blocks.
