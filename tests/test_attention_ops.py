@@ -3,8 +3,11 @@
 The Triton kernels run in the interpreter (TRITON_INTERPRET=1) on CPU tensors, which
 is slow: their cases keep total tokens <= 64, H <= 2, Dh 16/32.
 """
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,20 +143,19 @@ def test_varlen_attention_saves_no_score_matrix(backend, causal):
 SM80_SHARED_BYTES = 166912
 
 
-@pytest.mark.parametrize("dtype,Dh", [(torch.bfloat16, 128), (torch.float32, 256)],
-                         ids=["bf16-Dh128", "fp32-Dh256"])
-def test_triton_gpu_tiles_compile_for_sm80(dtype, Dh):
-    # The GPU tile sizes (which the interpreter never uses) compile ahead of time for
-    # sm_80 and fit in its shared memory; no GPU needed. The two cases hold the largest
-    # tiles: bf16 forward at Dh <= 128 and the fp32 backward at Dh = 256.
-    pytest.importorskip("triton")
+def _compile_gpu_tiles(dtype_name, Dh):
+    """Compile the forward and backward kernels ahead of time for sm_80 with the tiles
+    they get on a GPU -> {kernel name: shared memory bytes}. Needs compiled (not
+    interpreted) Triton functions: run without TRITON_INTERPRET."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from flipkern.triton_kernels import attention as tk
-    elem = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    dtype = getattr(torch, dtype_name)
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     stats_ptrs = {"LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32"}
+    shared = {}
     for kernel, backward in ((tk._fwd_kernel, False), (tk._bwd_dkdv_kernel, True), (tk._bwd_dq_kernel, True)):
         BM, BN, warps, stages = tk._blocks(Dh, dtype, torch.device("cuda"), backward=backward)
         consts = dict(CAUSAL=True, ACC=tk._acc(dtype), PREC=tk._prec(dtype), UPCAST=False,
@@ -172,7 +174,27 @@ def test_triton_gpu_tiles_compile_for_sm80(dtype, Dh):
                         constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
         compiled = triton_compile(src, target=GPUTarget("cuda", 80, 32),
                                   options=dict(num_warps=warps, num_stages=stages))
-        assert compiled.metadata.shared <= SM80_SHARED_BYTES, (kernel.fn.__name__, compiled.metadata.shared)
+        shared[kernel.fn.__name__] = compiled.metadata.shared
+    return shared
+
+
+@pytest.mark.parametrize("dtype_name,Dh", [("bfloat16", 128), ("float32", 256)])
+def test_triton_gpu_tiles_compile_for_sm80(dtype_name, Dh):
+    # The GPU tile sizes (which the interpreter never uses) compile for sm_80 and fit in
+    # its shared memory; no GPU needed. The two cases hold the largest tiles: the bf16
+    # forward at Dh <= 128 and the fp32 backward at Dh = 256. In a subprocess without
+    # TRITON_INTERPRET, whose kernels are interpreted functions that cannot compile.
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import test_attention_ops as t; "
+            f"print(json.dumps(t._compile_gpu_tiles({dtype_name!r}, {Dh})))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for name, nbytes in shared.items():
+        assert 0 < nbytes <= SM80_SHARED_BYTES, (name, nbytes)
 
 
 @pytest.mark.parametrize("causal", [False, True])
