@@ -1,0 +1,194 @@
+"""The fast path: the reference CLIP model's forward and loss, computed with flipkern's kernels.
+
+These are functions over the reference modules (flipkern.reference.clip.CLIP and
+its towers), never new modules: the fast and the reference path read the same
+parameters, so a checkpoint written by one loads in the other and gives the
+same embeddings.
+
+Vision tower: ``gather_patches`` reads only the kept patches, the patch
+embedding is one GEMM with the Conv2d weight (a stride-p conv is a linear map of
+each patch) whose accumulator starts from the gathered position embedding plus
+the conv bias (the position add is fused into the GEMM), the blocks run dense
+attention over the K kept tokens (every sample keeps the same K) or varlen
+attention when ``keep_lengths`` gives each sample its own K.
+Text tower: captions are packed without padding (length = first eot + 1), the
+causal blocks run on the packed tokens with varlen attention, and only each
+caption's last token goes through ln_final and the projection.
+Loss: the chunked all-gather ``clip_loss`` / ``siglip_loss``.
+
+An op this build lacks runs its reference implementation and is reported as
+such by ``backends_used()``; the fast path never fails for that.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .reference import losses as ref_losses
+from .reference import masking as ref_masking
+from .reference.text import eot_positions
+
+_composed = {}  # what the fast path itself chose, per op (flipkern ops record theirs in backends)
+
+
+def _flipkern_op(name, fallback):
+    """flipkern.<name> when this build has it, else ``fallback`` (the reference), noted as such."""
+    import flipkern
+    fn = getattr(flipkern, name, None)
+    if fn is None:
+        _composed[name] = "reference (not in this flipkern build)"
+        return fallback
+    return fn
+
+
+def backends_used():
+    """{op: backend} for every op the fast path (and any flipkern op) ran in this process."""
+    return {**backends.backends_used(), **_composed}
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+def dense_block_forward(block, x):
+    """A reference ``Block`` on [B, N, D] tokens with fused scaled-dot-product attention."""
+    B, N, D = x.shape
+    attn = block.attn
+    q, k, v = attn.qkv(block.ln_1(x)).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    x = x + attn.out_proj(out.transpose(1, 2).reshape(B, N, D))
+    return x + block.mlp(block.ln_2(x))
+
+
+def embed_patches(visual, images, ids_keep=None):
+    """Patch embedding + position of the kept patches only: [B, K, width].
+
+    Equals ``visual.embed(images, ids_keep)`` (conv over every patch, add the
+    position, drop) without computing the dropped patches.
+    """
+    p = visual.cfg.patch_size
+    weight = visual.patch_embed.weight  # [width, C, p, p]: flattens in gather_patches' (C, p, p) order
+    width = weight.shape[0]
+    if ids_keep is None:
+        patches = ref_masking.patchify(images, p)
+        pos = visual.pos_embed.expand(images.shape[0], -1, -1)
+    else:
+        patches = _flipkern_op("gather_patches", ref_masking.gather_patches)(images, ids_keep, p)
+        pos = F.embedding(ids_keep, visual.pos_embed)
+    start = pos if visual.patch_embed.bias is None else pos + visual.patch_embed.bias
+    B, K, _ = patches.shape
+    # one GEMM that accumulates onto position + bias: no separate pass for the adds
+    x = torch.addmm(start.reshape(B * K, width), patches.reshape(B * K, -1), weight.reshape(width, -1).t())
+    return x.view(B, K, width)
+
+
+def _segment_mean(x, cu_seqlens, lengths):
+    """Mean of each packed sequence: x [total, D] -> [B, D]."""
+    seg = torch.repeat_interleave(torch.arange(lengths.shape[0], device=x.device), lengths,
+                                  output_size=x.shape[0])
+    sums = x.new_zeros((lengths.shape[0], x.shape[1])).index_add_(0, seg, x)
+    return sums / lengths.clamp(min=1).to(x.dtype)[:, None]
+
+
+def encode_image(visual, images, ids_keep=None, keep_lengths=None):
+    """The reference VisionTransformer's forward on the fast path: [B, C, H, W] -> [B, output_dim].
+
+    keep_lengths (int [B], optional): sample b keeps only ids_keep[b, :keep_lengths[b]];
+    the blocks then run varlen attention over the packed tokens.
+    """
+    x = visual.with_cls(embed_patches(visual, images, ids_keep))
+    if keep_lengths is None:
+        _composed["vision_attention"] = "sdpa (dense, K shared by the batch)"
+        for block in visual.blocks:
+            x = dense_block_forward(block, x)
+        return visual.pool(x)
+    return _encode_image_varlen(visual, x, keep_lengths)
+
+
+def _encode_image_varlen(visual, x, keep_lengths):
+    import flipkern
+    from .packed import packed_blocks_forward
+    has_cls = visual.cls_token is not None
+    if keep_lengths.dim() != 1 or keep_lengths.shape[0] != x.shape[0]:
+        raise ValueError(f"flipkern.fastpath: keep_lengths must be [B] = [{x.shape[0]}], "
+                         f"got shape {tuple(keep_lengths.shape)}")
+    if keep_lengths.numel() and not 0 <= int(keep_lengths.min()) <= int(keep_lengths.max()) <= x.shape[1] - has_cls:
+        raise ValueError(f"flipkern.fastpath: keep_lengths must lie in [0, K={x.shape[1] - has_cls}]")
+    lengths = keep_lengths.to(device=x.device, dtype=torch.int64) + int(has_cls)
+    packed, cu = flipkern.pack(x, lengths)
+    _composed["vision_attention"] = "varlen (K per sample)"
+    packed = packed_blocks_forward(visual.blocks, packed, cu, int(lengths.max()), causal=False)
+    if has_cls:
+        pooled = visual.ln_post(packed[cu[:-1].long()])
+    else:
+        pooled = _segment_mean(visual.ln_post(packed), cu, lengths)
+    return visual.proj(pooled)
+
+
+def reference_encode_image_varlen(visual, images, ids_keep, keep_lengths):
+    """The reference semantics of per-sample K: the reference tower on each sample alone."""
+    feats = [visual(images[b:b + 1], ids_keep[b:b + 1, :int(n)]) for b, n in enumerate(keep_lengths.tolist())]
+    return torch.cat(feats, 0)
+
+
+# ----------------------------------------------------------------------------- text tower
+
+def encode_text(text, tokens):
+    """The reference TextTransformer's forward on packed tokens: int64 [B, L] -> [B, output_dim].
+
+    Caption b has length eot_b + 1 (its first eot token ends it); causal attention
+    means the padding after it never influences it, so dropping the padding
+    changes nothing but the work done.
+    """
+    import flipkern
+    from .packed import packed_blocks_forward
+    B, L = tokens.shape
+    if L > text.cfg.context_length:
+        raise ValueError(f"tokens have length {L} > context_length {text.cfg.context_length}")
+    lengths = eot_positions(tokens, text.cfg.eot_id) + 1
+    packed_tokens, cu = flipkern.pack(tokens, lengths)
+    positions, _ = flipkern.pack(torch.arange(L, device=tokens.device).expand(B, L), lengths)
+    x = text.token_embedding(packed_tokens) + F.embedding(positions, text.pos_embed)
+    _composed["text_attention"] = "varlen causal (packed, no padding)"
+    x = packed_blocks_forward(text.blocks, x, cu, int(lengths.max()) if B else 0, causal=True)
+    last = x[cu[1:].long() - 1]  # each caption's eot token; ln_final is per token, so only these need it
+    return text.proj(text.ln_final(last))
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+def clip_forward(model, images, tokens, ids_keep=None, *, fast=True, keep_lengths=None):
+    """``model(images, tokens, ids_keep)`` (a reference CLIP), on the fast path when ``fast``.
+
+    Returns the same dict: normalized image_features and text_features,
+    logit_scale (exp'ed, clamped) and, for SigLIP, logit_bias.
+    """
+    if keep_lengths is not None and ids_keep is None:
+        raise ValueError("flipkern.fastpath: keep_lengths needs ids_keep")
+    if not fast:
+        if keep_lengths is None:
+            return model(images, tokens, ids_keep=ids_keep)
+        img = reference_encode_image_varlen(model.visual, images, ids_keep, keep_lengths)
+        return model.head(img, model.text(tokens))
+    _composed["patch_embed"] = "gather_patches + GEMM on kept patches (position add fused)"
+    img = encode_image(model.visual, images, ids_keep, keep_lengths)
+    return model.head(img, encode_text(model.text, tokens))
+
+
+def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
+    """``model.loss(out, group)``; on the fast path the chunked all-gather flipkern loss."""
+    if not fast:
+        return model.loss(out, group=group)
+    # features in float32 for the loss, as the reference (and open_clip under autocast) does
+    img, txt = out["image_features"].float(), out["text_features"].float()
+    scale = out["logit_scale"].float()
+    if model.cfg.loss == "siglip":
+        loss = _flipkern_op("siglip_loss", None)
+        if loss is None:
+            return ref_losses.siglip_loss(img, txt, scale, out["logit_bias"].float(), group=group)
+        return loss(img, txt, scale, out["logit_bias"].float(), chunk_size=chunk_size, group=group)
+    loss = _flipkern_op("clip_loss", None)
+    if loss is None:
+        return ref_losses.clip_loss(img, txt, scale, group=group)
+    return loss(img, txt, scale, chunk_size=chunk_size, group=group)
+
+
+__all__ = ["clip_forward", "contrastive_loss", "backends_used", "encode_image", "encode_text",
+           "embed_patches", "dense_block_forward"]
