@@ -48,4 +48,55 @@ inline void check_drop_inputs(const at::Tensor& x, const at::Tensor& ids,
   }
 }
 
+// images [B, C, H, W] cut into p x p patches, ids [B, K] indexing the patch grid.
+inline void check_patch_inputs(const at::Tensor& images, const at::Tensor& ids, int64_t patch_size,
+                               const char* op) {
+  TORCH_CHECK(images.dim() == 4, "flipkern.", op, ": images must be 4-D [B, C, H, W], got ",
+              images.dim(), "-D");
+  TORCH_CHECK(patch_size >= 1, "flipkern.", op, ": patch_size must be >= 1, got ", patch_size);
+  TORCH_CHECK(images.size(2) % patch_size == 0 && images.size(3) % patch_size == 0, "flipkern.",
+              op, ": patch_size ", patch_size, " does not divide the image size ", images.size(2),
+              "x", images.size(3));
+  check_same_device(images, "images", ids, "ids_keep", op);
+  check_keep_indices(ids, images.size(0),
+                     (images.size(2) / patch_size) * (images.size(3) / patch_size), "ids_keep", op);
+}
+
+inline PatchGeom patch_geom(const at::Tensor& images, int64_t patch_size) {
+  return {patch_size, images.size(3) / patch_size, images.stride(0), images.stride(1),
+          images.stride(2), images.stride(3)};
+}
+
+// The inverse of ids [B, K] (values already checked to lie in [0, num_tokens)):
+// int64 [B, num_tokens] holding, at each position, the k that keeps it, or -1.
+// A position kept twice would have two owners, so repeated values are an error:
+// scattering k over the positions lets one owner win, and the losers no longer
+// read their own k back.
+inline at::Tensor keep_inverse(const at::Tensor& ids, int64_t num_tokens, const char* op) {
+  const int64_t B = ids.size(0), K = ids.size(1);
+  auto inv = at::full({B, num_tokens}, -1, ids.options());
+  if (ids.numel() == 0) return inv;
+  auto k = at::arange(K, ids.options()).expand({B, K});
+  inv.scatter_(1, ids, k);
+  TORCH_CHECK(inv.gather(1, ids).eq(k).all().item<bool>(), "flipkern.", op,
+              ": ids_keep repeats a position within a sample; each kept position must be unique");
+  return inv;
+}
+
+// x_vis [B, K, D], ids [B, K] unique per sample in [0, num_tokens), fill [D].
+inline at::Tensor check_restore_inputs(const at::Tensor& x, const at::Tensor& ids,
+                                       int64_t num_tokens, const at::Tensor& fill, const char* op) {
+  TORCH_CHECK(x.dim() == 3, "flipkern.", op, ": x_vis must be 3-D [B, K, D], got ", x.dim(), "-D");
+  check_same_device(x, "x_vis", ids, "ids_keep", op);
+  check_same_device(x, "x_vis", fill, "fill", op);
+  TORCH_CHECK(fill.dim() == 1 && fill.size(0) == x.size(2), "flipkern.", op,
+              ": fill must be [D] = [", x.size(2), "], got ", fill.sizes());
+  TORCH_CHECK(fill.scalar_type() == x.scalar_type(), "flipkern.", op, ": fill dtype ",
+              fill.scalar_type(), " differs from x_vis dtype ", x.scalar_type());
+  check_keep_indices(ids, x.size(0), num_tokens, "ids_keep", op);
+  TORCH_CHECK(ids.size(1) == x.size(1), "flipkern.", op, ": ids_keep has K = ", ids.size(1),
+              " but x_vis has ", x.size(1), " rows");
+  return keep_inverse(ids, num_tokens, op);
+}
+
 }  // namespace flipkern

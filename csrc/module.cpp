@@ -22,6 +22,14 @@ TORCH_LIBRARY(flipkern, m) {
   m.def("drop_tokens(Tensor x, Tensor ids_keep, Tensor? pos_embed) -> Tensor");
   // grad_out [B, K, D] -> grad_x [B, num_tokens, D] (zeros where dropped; duplicates accumulate)
   m.def("drop_tokens_backward(Tensor grad_out, Tensor ids_keep, SymInt num_tokens) -> Tensor");
+  // images [B, C, H, W], ids_keep int64 [B, K] into the (H/p) x (W/p) patch grid -> the kept
+  // patches [B, K, C*p*p], each flattened in (C, p, p) order (a Conv2d weight's order)
+  m.def("gather_patches(Tensor images, Tensor ids_keep, int patch_size) -> Tensor");
+  // grad_out [B, K, C*p*p] -> grad_images [B, C, H, W] (zeros where not kept; duplicates accumulate)
+  m.def("gather_patches_backward(Tensor grad_out, Tensor ids_keep, SymInt[] image_shape, int patch_size) -> Tensor");
+  // x_vis [B, K, D], ids_keep int64 [B, K] (unique per sample), fill [D] -> [B, num_tokens, D]:
+  // x_vis[b, k] at position ids_keep[b, k], fill elsewhere. Its backward is drop_tokens + a sum.
+  m.def("restore_tokens(Tensor x_vis, Tensor ids_keep, SymInt num_tokens, Tensor fill) -> Tensor");
 
   // --- variable-length attention (attention_cpu.cpp; on CUDA the Triton kernels run) ---
   // q, k, v [total, H, Dh] packed, cu_seqlens int32 [B+1] -> (out [total, H, Dh],

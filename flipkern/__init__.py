@@ -29,7 +29,8 @@ _alias_reference()
 
 from . import reference  # noqa: E402
 from .backends import backends_used, use_backend  # noqa: E402
-from .masking import drop_tokens  # noqa: E402
+from .masking import (drop_tokens, gather_patches, random_keep_indices, restore_tokens,  # noqa: E402
+                      topk_keep_indices)
 from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
                         varlen_attention)
 
@@ -40,5 +41,6 @@ def info():
     return collect()
 
 
-__all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens",
+__all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens", "gather_patches", "random_keep_indices",
+           "restore_tokens", "topk_keep_indices",
            "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask"]

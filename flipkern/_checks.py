@@ -45,3 +45,22 @@ def check_index_range(op, ids, num_tokens, name="ids_keep"):
     if lo < 0 or hi >= num_tokens:
         raise RuntimeError(f"flipkern.{op}: {name} has values in [{lo}, {hi}], outside the valid "
                            f"range [0, {num_tokens})")
+
+
+def keep_inverse(op, ids, num_tokens, name="ids_keep"):
+    """int64 [B, num_tokens]: the k with ids[b, k] == n at each position n, or -1.
+
+    Values must already be in range. A position kept twice would have two owners,
+    so that is an error: scattering k over the positions lets one owner win, and
+    the losers no longer read their own k back (as csrc/checks.h keep_inverse).
+    """
+    B, K = ids.shape
+    inv = torch.full((B, num_tokens), -1, dtype=torch.int64, device=ids.device)
+    if ids.numel() == 0:
+        return inv
+    k = torch.arange(K, device=ids.device).expand(B, K)
+    inv.scatter_(1, ids, k)
+    if not bool(inv.gather(1, ids).eq(k).all()):
+        raise RuntimeError(f"flipkern.{op}: {name} repeats a position within a sample; "
+                           f"each kept position must be unique")
+    return inv

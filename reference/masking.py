@@ -21,21 +21,38 @@ def num_keep_from(num_tokens, keep_ratio=None, num_keep=None):
     return int(num_keep)
 
 
+def keep_smallest(noise, num_keep, sorted=True):
+    """int64 [B, K]: per row of ``noise`` [B, N], the positions of its K smallest values.
+
+    Ties go to the lower position (a stable sort), so the result is a function
+    of the noise alone. ``sorted`` returns positions ascending; otherwise they
+    come in order of increasing noise.
+    """
+    ids = noise.argsort(dim=1, stable=True)[:, :num_keep]
+    return ids.sort(dim=1).values if sorted else ids
+
+
 def random_keep_indices(batch, num_tokens, keep_ratio=None, num_keep=None, *, generator=None,
                         device=None, sorted=True):
     """int64 [B, K]: per sample, a uniformly random K-subset of range(num_tokens).
 
-    The MAE recipe: rank i.i.d. uniform noise and keep the K smallest, which
-    makes every K-subset equally likely. ``sorted`` returns positions ascending.
+    The MAE recipe: rank i.i.d. uniform float32 noise and keep the K smallest,
+    which makes every K-subset equally likely. ``sorted`` returns positions
+    ascending. The noise is drawn on ``device`` (default: the generator's
+    device, else the CPU) from ``generator``.
     """
     K = num_keep_from(num_tokens, keep_ratio, num_keep)
-    noise = torch.rand(batch, num_tokens, generator=generator, device=device)
-    ids = noise.argsort(dim=1)[:, :K]
-    return ids.sort(dim=1).values if sorted else ids
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    noise = torch.rand(batch, num_tokens, generator=generator, device=device, dtype=torch.float32)
+    return keep_smallest(noise, K, sorted)
 
 
 def topk_keep_indices(scores, num_keep, sorted=True):
-    """int64 [B, K]: the positions of the K largest scores [B, N] of each sample."""
+    """int64 [B, K]: the positions of the K largest scores [B, N] of each sample.
+
+    Which of several equal scores is kept is unspecified (as for torch.topk).
+    """
     ids = scores.topk(num_keep, dim=1).indices
     return ids.sort(dim=1).values if sorted else ids
 

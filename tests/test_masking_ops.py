@@ -1,10 +1,11 @@
 """Token-dropping ops against flipkern.reference on every backend usable here."""
 import pytest
 import torch
-from _tolerance import rounding_rtol
+from _tolerance import assert_close_to_reference, rounding_rtol
 from conftest import usable_backends
 
 import flipkern as fk
+from flipkern.backends import triton_interpret
 from flipkern.reference import masking as ref
 
 BACKENDS = usable_backends(fk.masking.ALL_BACKENDS)
@@ -38,6 +39,27 @@ def test_drop_tokens_matches_reference(backend, dtype, with_pos):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_drop_tokens_position_add_special_values(backend, dtype):
+    # Infinities, NaN, overflow, signed zeros, subnormals and rounding ties: the
+    # kernels' add (vectorized bit operations for bfloat16 on the CPU) rounds as torch's.
+    info = torch.finfo(dtype)
+    vals = [float("nan"), float("inf"), -float("inf"), info.max, 1.0, 1.0 + info.eps, -0.0, info.tiny / 2]
+    adds = [1.0, -float("inf"), 1.0, info.max, info.eps / 2, info.eps / 2, 0.0, info.tiny / 2]
+    if backend == "triton" and dtype == torch.bfloat16 and triton_interpret():
+        # The interpreter's numpy emulation of bfloat16 flushes subnormals to zero (Triton
+        # on a GPU does not): the subnormal case is checked on every other backend/dtype.
+        vals, adds = vals[:-1], adds[:-1]
+    x = torch.tensor(vals, dtype=dtype).reshape(1, 1, -1).repeat(2, 3, 1)
+    pos = torch.tensor(adds, dtype=dtype).reshape(1, -1).repeat(3, 1)
+    ids = torch.tensor([[2, 0], [1, 1]])
+    with fk.use_backend(backend):
+        out = fk.drop_tokens(x, ids, pos)
+    torch.testing.assert_close(out, ref.drop_tokens(x, ids, pos), rtol=rounding_rtol(backend, dtype), atol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 @pytest.mark.parametrize("shape", [(2, 9, 8, 9), (2, 9, 8, 1), (0, 9, 8, 3), (2, 9, 8, 0)])
 def test_drop_tokens_shapes_and_strides(backend, layout, shape):
@@ -62,6 +84,22 @@ def test_drop_tokens_backward_matches_reference(backend, duplicates):
         fk.drop_tokens(xk, ids, pk).backward(g)
     torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pk.grad, pr.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_drop_tokens_backward_low_precision(backend, dtype):
+    # d(pos_embed) sums B rows per position; repeated ids accumulate in dx.
+    x, ids, pos = _inputs(16, 9, 8, 6, torch.float64, duplicates=True)
+    g = torch.randn(16, 6, 8, dtype=torch.float64)
+    grads = {}
+    for name, dt in (("ref64", torch.float64), ("ref", dtype), ("kernel", dtype)):
+        xi, pi = x.to(dt).detach().requires_grad_(), pos.to(dt).detach().requires_grad_()
+        with fk.use_backend(backend if name == "kernel" else "reference"):
+            fk.drop_tokens(xi, ids, pi).backward(g.to(dt))
+        grads[name] = (xi.grad, pi.grad)
+    for i, what in enumerate(("dx", "d(pos_embed)")):
+        assert_close_to_reference(grads["kernel"][i], grads["ref64"][i], grads["ref"][i], atol=1e-6, name=what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
