@@ -31,6 +31,7 @@ from . import reference  # noqa: E402
 from .backends import backends_used, use_backend  # noqa: E402
 from .masking import (drop_tokens, gather_patches, random_keep_indices, restore_tokens,  # noqa: E402
                       topk_keep_indices)
+from .losses import clip_loss, siglip_loss  # noqa: E402
 from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
                         varlen_attention)
 
@@ -43,4 +44,5 @@ def info():
 
 __all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens", "gather_patches", "random_keep_indices",
            "restore_tokens", "topk_keep_indices",
+           "clip_loss", "siglip_loss",
            "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask"]
