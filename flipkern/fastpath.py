@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .reference import clip as refclip
 from .reference import losses as ref_losses
 from .reference import masking as ref_masking
 from .reference.text import eot_positions
@@ -47,34 +48,44 @@ def backends_used():
 
 # ----------------------------------------------------------------------------- vision tower
 
-def dense_block_forward(block, x):
-    """A reference ``Block`` on [B, N, D] tokens with fused scaled-dot-product attention."""
-    B, N, D = x.shape
+def dense_attention(qkv, num_heads, scale=None, causal=False):
+    """Self-attention of [B, N, 3*D] fused QKV projections laid out (3, H, Dh) -> [B, N, D].
+
+    Every token is valid (all samples share N), so this is one fused
+    scaled-dot-product-attention call with no mask: SDPA picks its best kernel
+    (flash attention on CPU and CUDA).
+    """
+    B, N, D3 = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, D3 // 3)
+
+
+def dense_block_forward(block, x, causal=False):
+    """A reference ``Block`` on [B, N, D] tokens (all of them valid): ``block(x, causal=causal)``."""
     attn = block.attn
-    q, k, v = attn.qkv(block.ln_1(x)).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-    x = x + attn.out_proj(out.transpose(1, 2).reshape(B, N, D))
+    x = x + attn.out_proj(dense_attention(attn.qkv(block.ln_1(x)), attn.num_heads, attn.scale, causal))
     return x + block.mlp(block.ln_2(x))
 
 
-def embed_patches(visual, images, ids_keep=None):
-    """Patch embedding + position of the kept patches only: [B, K, width].
+def patch_embed(images, ids_keep, weight, bias, pos_embed):
+    """A stride-p Conv2d patch embedding (weight [width, C, p, p], bias [width] or None)
+    plus the position embedding pos_embed [N, width], on the kept patches only: [B, K, width].
 
-    Equals ``visual.embed(images, ids_keep)`` (conv over every patch, add the
-    position, drop) without computing the dropped patches.
+    Equals conv -> flatten -> + pos_embed -> keep ids_keep (all patches when
+    None) without computing the dropped patches.
     """
-    p = visual.cfg.patch_size
-    weight = visual.patch_embed.weight  # [width, C, p, p]: flattens in gather_patches' (C, p, p) order
-    width = weight.shape[0]
+    width, p = weight.shape[0], weight.shape[-1]
     if ids_keep is None:
         patches = ref_masking.patchify(images, p)
-        pos = visual.pos_embed.expand(images.shape[0], -1, -1)
+        pos = pos_embed.expand(images.shape[0], -1, -1)
     else:
         patches = _flipkern_op("gather_patches", ref_masking.gather_patches)(images, ids_keep, p)
-        pos = F.embedding(ids_keep, visual.pos_embed)
-    start = pos if visual.patch_embed.bias is None else pos + visual.patch_embed.bias
+        pos = F.embedding(ids_keep, pos_embed)
+    start = pos if bias is None else pos + bias
     B, K, _ = patches.shape
-    # one GEMM that accumulates onto position + bias: no separate pass for the adds
+    # one GEMM that accumulates onto position + bias: no separate pass for the adds;
+    # the (C, p, p) patch order is the order a Conv2d weight flattens in
     x = torch.addmm(start.reshape(B * K, width), patches.reshape(B * K, -1), weight.reshape(width, -1).t())
     return x.view(B, K, width)
 
@@ -93,7 +104,8 @@ def encode_image(visual, images, ids_keep=None, keep_lengths=None):
     keep_lengths (int [B], optional): sample b keeps only ids_keep[b, :keep_lengths[b]];
     the blocks then run varlen attention over the packed tokens.
     """
-    x = visual.with_cls(embed_patches(visual, images, ids_keep))
+    x = visual.with_cls(patch_embed(images, ids_keep, visual.patch_embed.weight, visual.patch_embed.bias,
+                                    visual.pos_embed))
     if keep_lengths is None:
         _composed["vision_attention"] = "sdpa (dense, K shared by the batch)"
         for block in visual.blocks:
@@ -176,19 +188,20 @@ def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
     """``model.loss(out, group)``; on the fast path the chunked all-gather flipkern loss."""
     if not fast:
         return model.loss(out, group=group)
-    # features in float32 for the loss, as the reference (and open_clip under autocast) does
-    img, txt = out["image_features"].float(), out["text_features"].float()
-    scale = out["logit_scale"].float()
-    if model.cfg.loss == "siglip":
-        loss = _flipkern_op("siglip_loss", None)
+    img, txt, scale, bias = refclip.loss_inputs(out)  # the same dtypes as the reference's loss
+    # The features are float32 (or float64) from here on: autocast must not recast
+    # the loss kernels' internal matmuls to bf16 (flipkern's C++ clip_loss fails if it does).
+    with torch.autocast(img.device.type, enabled=False):
+        if model.cfg.loss == "siglip":
+            loss = _flipkern_op("siglip_loss", None)
+            if loss is None:
+                return ref_losses.siglip_loss(img, txt, scale, bias, group=group)
+            return loss(img, txt, scale, bias, chunk_size=chunk_size, group=group)
+        loss = _flipkern_op("clip_loss", None)
         if loss is None:
-            return ref_losses.siglip_loss(img, txt, scale, out["logit_bias"].float(), group=group)
-        return loss(img, txt, scale, out["logit_bias"].float(), chunk_size=chunk_size, group=group)
-    loss = _flipkern_op("clip_loss", None)
-    if loss is None:
-        return ref_losses.clip_loss(img, txt, scale, group=group)
-    return loss(img, txt, scale, chunk_size=chunk_size, group=group)
+            return ref_losses.clip_loss(img, txt, scale, group=group)
+        return loss(img, txt, scale, chunk_size=chunk_size, group=group)
 
 
 __all__ = ["clip_forward", "contrastive_loss", "backends_used", "encode_image", "encode_text",
-           "embed_patches", "dense_block_forward"]
+           "patch_embed", "dense_attention", "dense_block_forward"]

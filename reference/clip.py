@@ -68,12 +68,20 @@ class CLIP(nn.Module):
         return self.head(self.visual(images, ids_keep), self.text(tokens))
 
     def loss(self, out, group=None):
-        # features in float32 for the loss, as open_clip does under autocast
-        img, txt = out["image_features"].float(), out["text_features"].float()
-        scale = out["logit_scale"].float()
+        img, txt, scale, bias = loss_inputs(out)
         if self.cfg.loss == "siglip":
-            return losses.siglip_loss(img, txt, scale, out["logit_bias"].float(), group=group)
+            return losses.siglip_loss(img, txt, scale, bias, group=group)
         return losses.clip_loss(img, txt, scale, group=group)
+
+
+def loss_inputs(out):
+    """(image_features, text_features, logit_scale, logit_bias or None) of a forward's dict in
+    at least float32: under autocast the loss runs in float32 (as open_clip's does), while a
+    float64 model keeps float64."""
+    def up(t):
+        return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+    return (up(out["image_features"]), up(out["text_features"]), up(out["logit_scale"]),
+            up(out.get("logit_bias")))
 
 
 def _preset(embed_dim, image_size, patch_size, vw, vd, vh, tw, td, th, ctx=77, vocab=49408, eot=49407):
