@@ -48,18 +48,43 @@ inline void check_drop_inputs(const at::Tensor& x, const at::Tensor& ids,
   }
 }
 
-// images [B, C, H, W] cut into p x p patches, ids [B, K] indexing the patch grid.
+// A B x H x W image batch cut into p x p patches, ids [B, K] indexing the patch grid.
+inline void check_patch_grid(int64_t B, int64_t H, int64_t W, int64_t patch_size, const at::Tensor& ids,
+                             const char* op) {
+  TORCH_CHECK(patch_size >= 1, "flipkern.", op, ": patch_size must be >= 1, got ", patch_size);
+  TORCH_CHECK(H % patch_size == 0 && W % patch_size == 0, "flipkern.", op, ": patch_size ", patch_size,
+              " does not divide the image size ", H, "x", W);
+  check_keep_indices(ids, B, (H / patch_size) * (W / patch_size), "ids_keep", op);
+}
+
+// images [B, C, H, W]
 inline void check_patch_inputs(const at::Tensor& images, const at::Tensor& ids, int64_t patch_size,
                                const char* op) {
   TORCH_CHECK(images.dim() == 4, "flipkern.", op, ": images must be 4-D [B, C, H, W], got ",
               images.dim(), "-D");
-  TORCH_CHECK(patch_size >= 1, "flipkern.", op, ": patch_size must be >= 1, got ", patch_size);
-  TORCH_CHECK(images.size(2) % patch_size == 0 && images.size(3) % patch_size == 0, "flipkern.",
-              op, ": patch_size ", patch_size, " does not divide the image size ", images.size(2),
-              "x", images.size(3));
   check_same_device(images, "images", ids, "ids_keep", op);
-  check_keep_indices(ids, images.size(0),
-                     (images.size(2) / patch_size) * (images.size(3) / patch_size), "ids_keep", op);
+  check_patch_grid(images.size(0), images.size(2), images.size(3), patch_size, ids, op);
+}
+
+// grad_out [B, K, C*p*p] of images shaped image_shape [B, C, H, W].
+inline void check_patch_backward_inputs(const at::Tensor& grad, const at::Tensor& ids,
+                                        at::IntArrayRef shape, int64_t patch_size, const char* op) {
+  TORCH_CHECK(shape.size() == 4, "flipkern.", op, ": image_shape must have 4 sizes, got ", shape.size());
+  check_same_device(grad, "grad_out", ids, "ids_keep", op);
+  check_patch_grid(shape[0], shape[2], shape[3], patch_size, ids, op);
+  const int64_t K = ids.size(1), E = shape[1] * patch_size * patch_size;
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == shape[0] && grad.size(1) == K && grad.size(2) == E,
+              "flipkern.", op, ": grad_out must be [", shape[0], ", ", K, ", ", E, "], got ", grad.sizes());
+}
+
+// grad_out [B, K, D] of drop_tokens over num_tokens positions.
+inline void check_drop_backward_inputs(const at::Tensor& grad, const at::Tensor& ids, int64_t num_tokens,
+                                       const char* op) {
+  TORCH_CHECK(grad.dim() == 3, "flipkern.", op, ": grad_out must be 3-D, got ", grad.dim(), "-D");
+  check_same_device(grad, "grad_out", ids, "ids_keep", op);
+  check_keep_indices(ids, grad.size(0), num_tokens, "ids_keep", op);
+  TORCH_CHECK(ids.size(1) == grad.size(1), "flipkern.", op, ": ids_keep has K = ", ids.size(1),
+              " but grad_out has ", grad.size(1), " rows");
 }
 
 inline PatchGeom patch_geom(const at::Tensor& images, int64_t patch_size) {

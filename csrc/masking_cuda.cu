@@ -140,12 +140,7 @@ at::Tensor drop_tokens_cuda(const at::Tensor& x, const at::Tensor& ids,
 
 at::Tensor drop_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& ids,
                                      int64_t num_tokens) {
-  TORCH_CHECK(grad.dim() == 3, "flipkern.drop_tokens_backward: grad_out must be 3-D, got ",
-              grad.dim(), "-D");
-  check_same_device(grad, "grad_out", ids, "ids_keep", "drop_tokens_backward");
-  check_keep_indices(ids, grad.size(0), num_tokens, "ids_keep", "drop_tokens_backward");
-  TORCH_CHECK(ids.size(1) == grad.size(1), "flipkern.drop_tokens_backward: ids_keep has K = ",
-              ids.size(1), " but grad_out has ", grad.size(1), " rows");
+  check_drop_backward_inputs(grad, ids, num_tokens, "drop_tokens_backward");
   c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = grad.size(0), K = grad.size(1), D = grad.size(2);
   auto dx = at::zeros({B, num_tokens, D}, grad.options());
@@ -181,14 +176,10 @@ at::Tensor gather_patches_cuda(const at::Tensor& images, const at::Tensor& ids, 
 
 at::Tensor gather_patches_backward_cuda(const at::Tensor& grad, const at::Tensor& ids,
                                         at::IntArrayRef shape, int64_t patch_size) {
-  TORCH_CHECK(shape.size() == 4, "flipkern.gather_patches_backward: image_shape must have 4 sizes");
+  check_patch_backward_inputs(grad, ids, shape, patch_size, "gather_patches_backward");
   c10::cuda::CUDAGuard guard(grad.device());
   auto dimages = at::zeros(shape, grad.options());
-  check_patch_inputs(dimages, ids, patch_size, "gather_patches_backward");
   const int64_t B = shape[0], C = shape[1], K = ids.size(1), p = patch_size, E = C * p * p;
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == K && grad.size(2) == E,
-              "flipkern.gather_patches_backward: grad_out must be [", B, ", ", K, ", ", E, "], got ",
-              grad.sizes());
   if (grad.numel() == 0) return dimages;
   const PatchGeom g = patch_geom(dimages, p);
   const int64_t num_patches = (shape[2] / p) * g.grid_w;

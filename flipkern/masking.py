@@ -34,11 +34,12 @@ def _reference_value_checks(op, ids_keep, num_tokens, *, unique=False):
 
 
 def _int_arg(op, name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    # SymInt: a size traced by torch.compile with dynamic shapes (x.shape[0] of a varying batch)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         _checks.fail(op, f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         _checks.fail(op, f"{name} must be >= {low}, got {value}")
-    return int(value)
+    return value
 
 
 # ----------------------------------------------------------------------------- index choice
@@ -48,8 +49,8 @@ def random_keep_indices(batch, num_tokens, keep_ratio=None, num_keep=None, *, ge
     """int64 [B, K]: per sample, a uniformly random K-subset of range(num_tokens).
 
     K comes from exactly one of keep_ratio (K = max(1, int(N * keep_ratio))) or
-    num_keep. Draws the same float32 noise as flipkern.reference (torch.rand with
-    ``generator``) and keeps the K smallest, ties to the lower position, so the
+    num_keep. Draws the same float32 noise as flipkern.reference
+    (ref.uniform_noise: torch.rand with ``generator``) and keeps the K smallest, ties to the lower position, so the
     result equals the reference's bit for bit given the same generator state.
     ``sorted``: positions ascending (default), else in order of increasing noise.
     """
@@ -69,8 +70,7 @@ def random_keep_indices(batch, num_tokens, keep_ratio=None, num_keep=None, *, ge
     if backend == "reference":
         return ref.random_keep_indices(batch, num_tokens, num_keep=K, generator=generator,
                                        device=device, sorted=sorted)
-    noise = torch.rand(batch, num_tokens, generator=generator, device=device, dtype=torch.float32)
-    return _keep_smallest(noise, K, sorted)
+    return _keep_smallest(ref.uniform_noise(batch, num_tokens, generator, device), K, sorted)
 
 
 def _keep_smallest(noise, K, sorted):

@@ -42,10 +42,17 @@ def random_keep_indices(batch, num_tokens, keep_ratio=None, num_keep=None, *, ge
     device, else the CPU) from ``generator``.
     """
     K = num_keep_from(num_tokens, keep_ratio, num_keep)
+    return keep_smallest(uniform_noise(batch, num_tokens, generator, device), K, sorted)
+
+
+def uniform_noise(batch, num_tokens, generator=None, device=None):
+    """float32 [B, N] i.i.d. uniform in [0, 1) from ``generator`` (default: the global
+    RNG) on ``device`` (default: the generator's device, else the CPU)."""
     if device is None:
         device = generator.device if generator is not None else "cpu"
-    noise = torch.rand(batch, num_tokens, generator=generator, device=device, dtype=torch.float32)
-    return keep_smallest(noise, K, sorted)
+    if generator is None:  # torch.rand's generator overload takes no symbolic sizes (torch.compile)
+        return torch.rand(batch, num_tokens, device=device, dtype=torch.float32)
+    return torch.rand(batch, num_tokens, generator=generator, device=device, dtype=torch.float32)
 
 
 def topk_keep_indices(scores, num_keep, sorted=True):

@@ -10,6 +10,13 @@ import flipkern as fk
 BACKENDS = usable_backends(fk.masking.ALL_BACKENDS)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles the same code objects again (other backend, other shapes):
+    # start from an empty cache so the recompile limit measures one test only.
+    torch._dynamo.reset()
+
+
 class TinyMaskedEncoder(torch.nn.Module):
     """Patch-embed only the kept patches (A-CLIP style: keep the highest scores),
     add their position embedding, and restore a full grid with a mask token."""
@@ -47,13 +54,16 @@ def test_model_compiles_fullgraph_and_matches_eager(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_keep_indices_compiles_fullgraph(backend):
-    def f(x):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_random_keep_indices_compiles_fullgraph(backend, dynamic):
+    def f(x):  # with dynamic=True the batch size reaches the ops as a SymInt
         ids = fk.random_keep_indices(x.shape[0], x.shape[1], keep_ratio=0.5)
         return fk.drop_tokens(x, ids), ids
 
-    x = torch.randn(4, 10, 3)
-    with fk.use_backend(backend):
-        out, ids = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    assert ids.shape == (4, 5) and bool((ids[:, 1:] > ids[:, :-1]).all())
-    torch.testing.assert_close(out, x[torch.arange(4)[:, None], ids], rtol=0, atol=0)
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for B in (4, 3):
+        x = torch.randn(B, 10, 3)
+        with fk.use_backend(backend):
+            out, ids = compiled(x)
+        assert ids.shape == (B, 5) and bool((ids[:, 1:] > ids[:, :-1]).all())
+        torch.testing.assert_close(out, x[torch.arange(B)[:, None], ids], rtol=0, atol=0)

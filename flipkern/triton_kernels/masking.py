@@ -163,7 +163,7 @@ def gather_patches_backward(grad, ids_keep, image_shape, patch_size):
 
 
 def restore_tokens(x_vis, inverse, fill):
-    """inverse: int64 [B, N], the k that owns each position or -1 (masking.keep_inverse)."""
+    """inverse: int64 [B, N], the k that owns each position or -1 (flipkern._checks.keep_inverse)."""
     B, K, D = x_vis.shape
     N = inverse.shape[1]
     out = torch.empty((B, N, D), dtype=x_vis.dtype, device=x_vis.device)
