@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #ifndef FK_HOST_DEVICE
 #if defined(__CUDACC__)
@@ -109,15 +110,17 @@ FK_HOST_DEVICE T clip_grad(T s, T lse_row, T lse_col, bool has_col, T coef) {
   return coef * p;
 }
 
-// Coefficients of the gradient of one pass, given the incoming gradient g of the
-// loss and the local batch b (the loss is a mean over the b local samples).
-// CLIP: loss = (sum_i lse_i2t - S_ii + sum_i lse_t2i - S_ii) / (2b): each element
-// gets g/(2b) per softmax it is in, each positive -g/(2b) per direction.
-// SigLIP: loss = (sum_ij softplus(S_ij + bias) - sum_i (S_ii + bias)) / b.
-template <typename T>
-FK_HOST_DEVICE T clip_coef(T g, int64_t b) { return g / (T(2) * T(b)); }
-template <typename T>
-FK_HOST_DEVICE T siglip_coef(T g, int64_t b) { return g / T(b); }
+// Coefficients of the gradient of one pass: dLoss/dS = coef * (softmax or sigmoid)
+// - coef * pos_mult at the positives, coef = (incoming gradient) / div.
+// CLIP: loss = (sum_i lse_i2t[i] - S_ii + sum_i lse_t2i[i] - S_ii) / (2b), b local samples:
+// div = 2b; on one process both softmaxes share one square matrix, so each positive is in
+// both of them (pos_mult 2); across processes each pass holds one direction (pos_mult 1).
+// SigLIP: loss = (sum_ij softplus(S_ij + bias) - sum_i (S_ii + bias)) / b: div = b.
+struct GradCoef {
+  double div, pos_mult;
+};
+inline GradCoef clip_coef(int64_t b, bool square) { return {2.0 * b, square ? 2.0 : 1.0}; }
+inline GradCoef siglip_coef(int64_t b) { return {static_cast<double>(b), 1.0}; }
 
 }  // namespace loss
 }  // namespace flipkern
@@ -188,6 +191,17 @@ inline void check_siglip(const at::Tensor& image, const at::Tensor& all_text,
   check_scalar(scale, "logit_scale", image, op);
   check_scalar(bias, "logit_bias", image, op);
   check_rows(offset, image.size(0), all_text.size(0), chunk_size, op);
+}
+
+// The forward's per-row statistics handed to the backward: [local_batch] in the math dtype.
+inline void check_lse(const at::Tensor& lse_image, const at::Tensor& lse_text, int64_t local_batch,
+                      at::ScalarType acc, const char* op) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_image, "lse_image"},
+                                {lse_text, "lse_text"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == local_batch && t.scalar_type() == acc, "flipkern.", op,
+                ": ", name, " must be [local_batch] = [", local_batch, "] of ", acc, ", got ",
+                t.sizes(), " of ", t.scalar_type());
+  }
 }
 
 // Sum over the local samples of scale * <a_i, b_i>: the logits of the positive pairs.

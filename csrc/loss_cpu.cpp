@@ -13,7 +13,8 @@
 //            sigmoid: the sum of softplus over the tile.
 //   backward recomputes each tile, turns it into dLoss/dS = G in place, and
 //            accumulates dA += scale * G @ B (rows owned by this task) and
-//            dB += scale * G^T @ A (a per-task [N, D] accumulator, summed in task
+//            dB += scale * G^T @ A (a per-task [N, D] accumulator, tasks capped so
+//            that these stay under ~1 GiB together, summed in task
 //            order at the end: deterministic, no atomics), plus sum(G * A B^T) for
 //            the scale gradient and sum(G) for the bias gradient.
 // float16/bfloat16 features are computed in float32, float64 in float64.
@@ -22,6 +23,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "loss_chunks.h"
@@ -45,10 +49,13 @@ void merge_lse(at::Tensor& dst, const at::Tensor& src) {
   for (int64_t k = 0; k < dst.numel(); ++k) d[k] = loss::log_add_exp(d[k], p[k]);
 }
 
-// Runs fn(task_begin, task_end) over the row chunks on the intra-op threads.
+// Runs fn(task_begin, task_end) over the row chunks on the intra-op threads, in at
+// most max_tasks tasks.
 template <typename Fn>
-void for_row_chunks(int64_t n_chunks, const Fn& fn) {
-  at::parallel_for(0, n_chunks, 1, [&](int64_t t0, int64_t t1) {
+void for_row_chunks(int64_t n_chunks, const Fn& fn, int64_t max_tasks = INT64_MAX) {
+  const int64_t tasks = std::max<int64_t>(1, std::min(max_tasks, n_chunks));
+  const int64_t grain = std::max<int64_t>(1, (n_chunks + tasks - 1) / tasks);
+  at::parallel_for(0, n_chunks, grain, [&](int64_t t0, int64_t t1) {
     // Worker threads do not inherit the dispatcher's thread-local state: skip
     // autograd explicitly (the inputs may require grad; these are kernel internals).
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -89,6 +96,9 @@ void softmax_stats(const at::Tensor& A, const at::Tensor& B, double s, int64_t c
   }
 }
 
+template <typename T>
+constexpr double kSoftplusThreshold = std::is_same_v<T, double> ? 40.0 : 20.0;
+
 // Sigmoid: sum over the pass of softplus(s * A @ B^T + bias) (positives not yet subtracted).
 template <typename T>
 double softplus_sum(const at::Tensor& A, const at::Tensor& B, double s, double bias, int64_t chunk) {
@@ -100,7 +110,9 @@ double softplus_sum(const at::Tensor& A, const at::Tensor& B, double s, double b
       double acc = 0;
       for (int64_t c = 0; c < cols.count(); ++c) {
         auto X = at::mm(a, B.narrow(0, cols.begin(c), cols.length(c)).t()).mul_(s).add_(bias);
-        acc += at::softplus(X, 1, 20).sum().template item<double>();
+        // softplus returns x above the threshold: exact to the dtype's precision once
+        // exp(-threshold) is below its epsilon
+        acc += at::softplus(X, 1, kSoftplusThreshold<T>).sum().template item<double>();
       }
       part[k] = acc;
     }
@@ -115,7 +127,7 @@ double softplus_sum(const at::Tensor& A, const at::Tensor& B, double s, double b
 struct PassGrad {
   Kind kind;
   double scale, bias;      // bias: sigmoid only
-  double coef, pos_coef;   // G = coef * (softmax or sigmoid); positives: G -= pos_coef
+  double coef, pos_coef;   // G = coef * (softmax or sigmoid); positives: G -= pos_coef (GradCoef)
   int64_t offset;          // positive column of row i is offset + i
   at::Tensor row_lse;      // softmax: [r]
   at::Tensor col_lse;      // softmax, square matrix only: [N] (else undefined)
@@ -124,11 +136,16 @@ struct PassGrad {
 // Accumulates dA [r, D] += scale * G @ B and dB [N, D] += scale * G^T @ A for one pass;
 // returns (sum G * (A @ B^T), sum G) for the scale and bias gradients.
 template <typename T>
-std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, const at::Tensor& B,
-                              int64_t chunk, at::Tensor dA, at::Tensor& dB) {
+std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A,
+                                        const at::Tensor& B, int64_t chunk, at::Tensor dA,
+                                        at::Tensor& dB) {
   const Chunks rows{A.size(0), chunk}, cols{B.size(0), chunk};
   std::vector<at::Tensor> dB_part(rows.count());
   std::vector<double> ds_part(rows.count(), 0.0), db_part(rows.count(), 0.0);
+  // Each task holds a [N, D] accumulator: cap their total at ~1 GiB (or one task), so
+  // a many-core machine does not multiply the gradient's memory by its thread count.
+  const int64_t acc_bytes = std::max<int64_t>(1, dB.numel() * dB.element_size());
+  const int64_t max_tasks = std::max<int64_t>(1, (int64_t(1) << 30) / acc_bytes);
   for_row_chunks(rows.count(), [&](int64_t t0, int64_t t1) {
     at::Tensor dBt = at::zeros_like(dB);
     for (int64_t k = t0; k < t1; ++k) {
@@ -154,7 +171,8 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, 
         loss::positives_in_tile(r0, nr, c0, nc, p.offset, lo, hi);
         if (hi > lo) {
           auto g = G.accessor<T, 2>();
-          for (int64_t i = lo; i < hi; ++i) g[i - r0][loss::positive_col(i, p.offset) - c0] -= p.pos_coef;
+          for (int64_t i = lo; i < hi; ++i)
+            g[i - r0][loss::positive_col(i, p.offset) - c0] -= p.pos_coef;
         }
         ds += (G * raw).sum().template item<double>();
         if (p.kind == Kind::Sigmoid) db += G.sum().template item<double>();
@@ -165,7 +183,7 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A, 
       db_part[k] = db;
     }
     dB_part[t0] = dBt;
-  });
+  }, max_tasks);
   for (const auto& part : dB_part)
     if (part.defined()) dB.add_(part);
   double ds = 0, db = 0;
@@ -209,27 +227,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
   loss::check_clip(all_image, all_text, logit_scale, offset, local_batch, chunk_size, op_name);
   const auto op = loss::opmath_type(all_image.scalar_type());
   const int64_t b = local_batch;
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_image, "lse_image"},
-                                {lse_text, "lse_text"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == b && t.scalar_type() == op, "flipkern.", op_name,
-                ": ", name, " must be [local_batch] = [", b, "] of ", op, ", got ", t.sizes(),
-                " of ", t.scalar_type());
-  }
+  loss::check_lse(lse_image, lse_text, b, op, op_name);
   const auto I = all_image.to(op), T = all_text.to(op);
   const int64_t N = I.size(0);
   const double s = logit_scale.item<double>();
   const double g = grad.item<double>();
   auto dI = at::zeros_like(I), dT = at::zeros_like(T);
   double dscale = 0;
+  const auto c = loss::clip_coef(b, b == N);
+  const double coef = g / c.div, pos_coef = coef * c.pos_mult;
   AT_DISPATCH_FLOATING_TYPES(op, "clip_loss_bwd_cpu", [&] {
-    const double coef = loss::clip_coef<double>(g, b);
-    if (b == N) {
-      // Each positive is in both directions: -coef per direction.
-      PassGrad p{Kind::Softmax, s, 0.0, coef, 2 * coef, 0, lse_image, lse_text};
+    if (b == N) {  // one matrix holds both directions: its rows and its columns
+      PassGrad p{Kind::Softmax, s, 0.0, coef, pos_coef, 0, lse_image, lse_text};
       dscale = pass_backward<scalar_t>(p, I, T, chunk_size, dI, dT).first;
     } else {
-      PassGrad pi{Kind::Softmax, s, 0.0, coef, coef, offset, lse_image, at::Tensor()};
-      PassGrad pt{Kind::Softmax, s, 0.0, coef, coef, offset, lse_text, at::Tensor()};
+      PassGrad pi{Kind::Softmax, s, 0.0, coef, pos_coef, offset, lse_image, at::Tensor()};
+      PassGrad pt{Kind::Softmax, s, 0.0, coef, pos_coef, offset, lse_text, at::Tensor()};
       dscale = pass_backward<scalar_t>(pi, I.narrow(0, offset, b), T, chunk_size,
                                        dI.narrow(0, offset, b), dT).first;
       dscale += pass_backward<scalar_t>(pt, T.narrow(0, offset, b), I, chunk_size,
@@ -271,9 +284,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cpu(
   const double g = grad.item<double>();
   auto dI = at::zeros_like(I), dT = at::zeros_like(T);
   double dscale = 0, dbias = 0;
+  const auto c = loss::siglip_coef(b);
+  const double coef = g / c.div;
   AT_DISPATCH_FLOATING_TYPES(op, "siglip_loss_bwd_cpu", [&] {
-    const double coef = loss::siglip_coef<double>(g, b);
-    PassGrad p{Kind::Sigmoid, s, bias, coef, coef, offset, at::Tensor(), at::Tensor()};
+    PassGrad p{Kind::Sigmoid, s, bias, coef, coef * c.pos_mult, offset, at::Tensor(), at::Tensor()};
     std::tie(dscale, dbias) = pass_backward<scalar_t>(p, I, T, chunk_size, dI, dT);
   });
   return {dI.to(image.scalar_type()), dT.to(all_text.scalar_type()),

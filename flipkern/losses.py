@@ -30,6 +30,11 @@ ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # ----------------------------------------------------------------------------- chunk size
 
+@torch.compiler.assume_constant_result
+def _cpu_threads():
+    return max(torch.get_num_threads(), 1)
+
+
 def default_chunk_size(device, rows, dim):
     """The chunk (rows of logits computed at once) when ``chunk_size=None``.
 
@@ -44,7 +49,7 @@ def default_chunk_size(device, rows, dim):
     """
     if torch.device(device).type == "cuda":
         return int(min(8192, max(256, (2 ** 26 // max(dim, 1)) // 256 * 256)))
-    per_thread = -(-rows // max(torch.get_num_threads(), 1))
+    per_thread = -(-rows // _cpu_threads())
     return int(min(512, max(64, -(-per_thread // 64) * 64)))
 
 

@@ -81,21 +81,21 @@ def test_unnormalized_and_extreme_scale(backend, name):
         got = _run(lambda *a: _loss(name, *a, chunk_size=5), img, txt, scale, bias)
     want = _run(lambda *a: _ref_loss(name, *a), img, txt, scale, bias)
     for n, a, b in zip(NAMES, got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision(backend, name, dtype):
-    B, D = (40, 24) if backend == "triton" else (300, 64)
-    img, txt = _features(B, D, dtype)
+def _check_against_reference(backend, name, dtype, B, D, chunk, device="cpu"):
+    img, txt = (t.to(device) for t in _features(B, D, dtype))
     # The scale and bias stay float32 (autocast keeps parameters there), as in open_clip.
-    scale, bias = _params(torch.float32)
+    scale, bias = (t.to(device) for t in _params(torch.float64 if dtype == torch.float64 else torch.float32))
     with fk.use_backend(backend):
-        got = _run(lambda *a: _loss(name, *a, chunk_size=32), img, txt, scale, bias)
+        got = _run(lambda *a: _loss(name, *a, chunk_size=chunk), img, txt, scale, bias)
     want64 = _run(lambda *a: _ref_loss(name, *a), img.double(), txt.double(), scale.double(),
                   bias.double())
+    if dtype == torch.float64:
+        for n, a, b in zip(NAMES, got, want64):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+        return
     want_lowp = _run(lambda *a: _ref_loss(name, *a), img, txt, scale, bias)
     for n, a, b64, blow in zip(NAMES, got, want64, want_lowp):
         if name == "clip" and n == "d_bias":
@@ -103,6 +103,23 @@ def test_low_precision(backend, name, dtype):
         assert a.dtype == blow.dtype, f"{n}: dtype {a.dtype}, reference {blow.dtype}"
         # fp32 accumulation: never worse than the reference run in the same precision.
         assert_close_to_reference(a, b64, blow, factor=2.0, atol=1e-6, name=f"{backend} {dtype} {n}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision(backend, name, dtype):
+    B, D = (40, 24) if backend == "triton" else (300, 64)
+    _check_against_reference(backend, name, dtype, B, D, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,D,chunk", [(1, 8, None), (300, 72, 128), (1000, 512, None)])
+def test_on_cuda(backend, name, dtype, B, D, chunk):
+    _check_against_reference(backend, name, dtype, B, D, chunk, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,13 +178,15 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LOSSES)
-def test_compiles_fullgraph(backend, name):
+@pytest.mark.parametrize("chunk", [5, None])
+def test_compiles_fullgraph(backend, name, chunk):
+    torch._dynamo.reset()  # f below is one code object for every case: start each case fresh
     img, txt = _features(12, 8, torch.float32)
     scale, bias = _params(torch.float32)
     proj = torch.nn.Linear(8, 8, dtype=torch.float32)
 
     def f(i, t, s, b):
-        return _loss(name, F.normalize(proj(i), dim=-1), t, s, b, chunk_size=5)
+        return _loss(name, F.normalize(proj(i), dim=-1), t, s, b, chunk_size=chunk)
 
     with fk.use_backend(backend):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
