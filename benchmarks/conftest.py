@@ -20,3 +20,13 @@ def sync(device):
 @pytest.fixture
 def device_sync():
     return sync
+
+
+def pytest_collect_file(file_path, parent):
+    # The suites are named bench_*.py (not test_*.py, so `pytest tests` never runs them):
+    # collect them here, so that `python -m pytest benchmarks` finds them without a config file.
+    # (A file named on the command line is collected by pytest itself.)
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None

@@ -15,6 +15,7 @@
 // grows with L, not L^2. Softmax, exp and the elementwise backward are ATen's
 // vectorized kernels. float16/bfloat16 inputs are computed in float32.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -24,56 +25,14 @@
 #include <limits>
 #include <vector>
 
-#include "checks.h"
+#include "attention_checks.h"
+#include "attention_index.h"
 
 namespace flipkern {
 namespace {
 
 constexpr const char* kFwd = "varlen_attention";
 constexpr const char* kBwd = "varlen_attention_backward";
-
-// ----------------------------------------------------------------------------- checks
-
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(q.dim() == 3, "flipkern.", op, ": q must be 3-D [total, H, Dh], got ", q.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "flipkern.", op,
-              ": q must be a floating tensor, got ", q.scalar_type());
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"}}) {
-    TORCH_CHECK(t.sizes() == q.sizes(), "flipkern.", op, ": ", name, " has shape ", t.sizes(),
-                " but q has shape ", q.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flipkern.", op, ": ", name, " dtype ",
-                t.scalar_type(), " differs from q dtype ", q.scalar_type());
-    check_same_device(q, "q", t, name, op);
-  }
-}
-
-// cu_seqlens int32 [B+1], 0 = cu[0] <= cu[1] <= ... <= cu[B] = total, every length
-// <= max_seqlen. Returns the offsets as int64.
-std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, int64_t total, int64_t max_seqlen,
-                                      const at::Tensor& q, const char* op) {
-  check_same_device(q, "q", cu, "cu_seqlens", op);
-  TORCH_CHECK(cu.scalar_type() == at::kInt, "flipkern.", op, ": cu_seqlens must be int32, got ",
-              cu.scalar_type());
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, "flipkern.", op,
-              ": cu_seqlens must be 1-D [B+1] with B >= 0, got shape ", cu.sizes());
-  TORCH_CHECK(max_seqlen >= 0, "flipkern.", op, ": max_seqlen must be >= 0, got ", max_seqlen);
-  const auto c = cu.contiguous();
-  const int32_t* p = c.const_data_ptr<int32_t>();
-  const int64_t n = c.numel();
-  TORCH_CHECK(p[0] == 0, "flipkern.", op, ": cu_seqlens[0] must be 0, got ", p[0]);
-  std::vector<int64_t> off(n);
-  off[0] = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(p[i] >= p[i - 1], "flipkern.", op, ": cu_seqlens must be non-decreasing, but "
-                "cu_seqlens[", i, "] = ", p[i], " < cu_seqlens[", i - 1, "] = ", p[i - 1]);
-    TORCH_CHECK(p[i] - p[i - 1] <= max_seqlen, "flipkern.", op, ": sequence ", i - 1,
-                " has length ", p[i] - p[i - 1], " > max_seqlen = ", max_seqlen);
-    off[i] = p[i];
-  }
-  TORCH_CHECK(off[n - 1] == total, "flipkern.", op, ": cu_seqlens[-1] = ", off[n - 1],
-              " must equal the number of packed rows of q (", total, ")");
-  return off;
-}
 
 // ----------------------------------------------------------------------------- work split
 
@@ -82,7 +41,7 @@ struct Task {
 };
 
 // Tasks of (sequence, head group), longest first.
-std::vector<Task> make_tasks(const std::vector<int64_t>& off, int64_t H, bool causal) {
+std::vector<Task> make_tasks(const std::vector<int64_t>& off, int64_t H) {
   const int64_t B = static_cast<int64_t>(off.size()) - 1;
   int64_t nonempty = 0;
   for (int64_t b = 0; b < B; ++b) nonempty += off[b + 1] > off[b];
@@ -102,7 +61,7 @@ std::vector<Task> make_tasks(const std::vector<int64_t>& off, int64_t H, bool ca
   // classic LPT schedule, balanced even when the lengths vary a lot or another
   // process holds one of the cores.
   std::stable_sort(tasks.begin(), tasks.end(),
-                   [](const Task& a, const Task& b) { return a.hn * a.len > b.hn * b.len; });
+                   [](const Task& a, const Task& b) { return a.hn * a.len * a.len > b.hn * b.len * b.len; });
   return tasks;
 }
 
@@ -147,14 +106,28 @@ at::Tensor prepare(const at::Tensor& t, at::ScalarType acc) {
   return (r.stride(2) == 1 || r.size(2) <= 1) ? r : r.contiguous();
 }
 
-// S = scale * Q K^T over keys [0, kend), -inf above the diagonal when causal.
+// -inf where query row i0 + r does not see key c (causal). S: contiguous [hn, bq, kend]
+// scores of query rows i0 .. i0+bq-1 against keys 0 .. kend-1 of a sequence of length L.
+template <typename T>
+void mask_future(T* s, int64_t hn, int64_t bq, int64_t kend, int64_t i0, int64_t L) {
+  for (int64_t h = 0; h < hn; ++h)
+    for (int64_t r = 0; r < bq; ++r) {
+      T* row = s + (h * bq + r) * kend;
+      std::fill(row + key_end(i0 + r + 1, L, /*causal=*/true), row + kend,
+                -std::numeric_limits<T>::infinity());
+    }
+}
+
+// S = scale * Q K^T for query rows i0 .. of a sequence of length L over keys [0, K.size(1)),
+// -inf at the keys a causal row does not see.
 at::Tensor scores(const at::Tensor& Qb, const at::Tensor& Kb, double scale, bool causal,
-                  const at::Tensor& cmask, int64_t i0) {
+                  int64_t i0, int64_t L) {
   auto S = at::empty({Qb.size(0), Qb.size(1), Kb.size(1)}, Qb.options());
   S.baddbmm_(Qb, Kb.transpose(1, 2), /*beta=*/0.0, /*alpha=*/scale);
   if (causal)
-    S.masked_fill_(cmask.narrow(0, i0, Qb.size(1)).narrow(1, 0, Kb.size(1)),
-                   -std::numeric_limits<double>::infinity());
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "varlen_attention_mask", [&] {
+      mask_future(S.mutable_data_ptr<scalar_t>(), S.size(0), S.size(1), S.size(2), i0, L);
+    });
   return S;
 }
 
@@ -171,16 +144,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
   auto lse = at::empty({H, total}, q.options().dtype(acc));
   if (total == 0 || H == 0) return {out.to(q.scalar_type()), lse};
   const auto qa = prepare(q, acc), ka = prepare(k, acc), va = prepare(v, acc);
-  const auto cmask = causal ? at::ones({max_seqlen, max_seqlen}, q.options().dtype(at::kBool)).triu_(1)
-                            : at::Tensor();
-  run_tasks(make_tasks(off, H, causal), [&](const Task& t) {
+  run_tasks(make_tasks(off, H), [&](const Task& t) {
     const auto Q = heads_view(qa, t), K = heads_view(ka, t), V = heads_view(va, t);
     const auto O = heads_view(out, t);
     const auto lse_t = rows_view(lse, t);
     const int64_t BQ = query_block(t.hn, t.len);
     for (int64_t i0 = 0; i0 < t.len; i0 += BQ) {
-      const int64_t bq = std::min(BQ, t.len - i0), kend = causal ? i0 + bq : t.len;
-      auto S = scores(Q.narrow(1, i0, bq), K.narrow(1, 0, kend), scale, causal, cmask, i0);
+      const int64_t bq = std::min(BQ, t.len - i0), kend = key_end(i0 + bq, t.len, causal);
+      auto S = scores(Q.narrow(1, i0, bq), K.narrow(1, 0, kend), scale, causal, i0, t.len);
       auto m = at::amax(S, {-1}, /*keepdim=*/true);
       S.sub_(m).exp_();
       auto l = S.sum(-1, /*keepdim=*/true);
@@ -199,15 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     bool causal, double scale) {
   check_qkv(q, k, v, kBwd);
   const int64_t total = q.size(0), H = q.size(1), Dh = q.size(2);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "flipkern.", kBwd, ": grad_out has shape ",
-              grad_out.sizes(), " but q has shape ", q.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "flipkern.", kBwd, ": out has shape ", out.sizes(),
-              " but q has shape ", q.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == total, "flipkern.", kBwd,
-              ": lse must be [H, total] = [", H, ", ", total, "], got ", lse.sizes());
-  check_same_device(q, "q", grad_out, "grad_out", kBwd);
-  check_same_device(q, "q", out, "out", kBwd);
-  check_same_device(q, "q", lse, "lse", kBwd);
+  check_bwd_extras(grad_out, q, out, lse, kBwd);
   const auto off = check_cu_seqlens(cu_seqlens, total, max_seqlen, q, kBwd);
   const auto acc = acc_type(q.scalar_type());
   // Every row belongs to exactly one sequence (cu_seqlens checked), so every row is written.
@@ -219,9 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const auto qa = prepare(q, acc), ka = prepare(k, acc), va = prepare(v, acc);
   const auto ga = prepare(grad_out, acc), oa = prepare(out, acc);
   const auto lse_a = lse.to(acc);
-  const auto cmask = causal ? at::ones({max_seqlen, max_seqlen}, q.options().dtype(at::kBool)).triu_(1)
-                            : at::Tensor();
-  run_tasks(make_tasks(off, H, causal), [&](const Task& t) {
+  run_tasks(make_tasks(off, H), [&](const Task& t) {
     const auto Q = heads_view(qa, t), K = heads_view(ka, t), V = heads_view(va, t);
     const auto dO = heads_view(ga, t);
     const auto lse_t = rows_view(lse_a, t);
@@ -235,11 +196,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     auto dV_acc = one_block ? at::empty({t.hn, t.len, Dh}, qa.options()) : at::zeros({t.hn, t.len, Dh}, qa.options());
     const double beta = one_block ? 0.0 : 1.0;
     for (int64_t i0 = 0; i0 < t.len; i0 += BQ) {
-      const int64_t bq = std::min(BQ, t.len - i0), kend = causal ? i0 + bq : t.len;
+      const int64_t bq = std::min(BQ, t.len - i0), kend = key_end(i0 + bq, t.len, causal);
       const auto Qb = Q.narrow(1, i0, bq), dOb = dO.narrow(1, i0, bq);
       const auto Kb = K.narrow(1, 0, kend), Vb = V.narrow(1, 0, kend);
       // P = exp(S - lse): the forward's probabilities, recomputed
-      auto P = scores(Qb, Kb, scale, causal, cmask, i0);
+      auto P = scores(Qb, Kb, scale, causal, i0, t.len);
       P.sub_(lse_t.narrow(1, i0, bq).unsqueeze(-1)).exp_();
       dV_acc.narrow(1, 0, kend).baddbmm_(P.transpose(1, 2), dOb, beta, 1.0);
       // dS = P * (dO V^T - delta); dQ = scale * dS K; dK += scale * dS^T Q

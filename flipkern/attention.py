@@ -7,11 +7,12 @@ sequence b owning rows cu_seqlens[b] .. cu_seqlens[b+1]-1 of the int32 offsets
 cu_seqlens [B+1]. Attention runs within each sequence only; no padding is ever
 computed.
 
-Backends: ``cpu`` is the C++ op pair ``flipkern::varlen_attention_fwd/_bwd``
-(csrc/attention_cpu.cpp); ``triton`` the Python custom ops
-``flipkern::varlen_attention_fwd_triton/_bwd_triton`` (triton_kernels/attention.py),
-the default on CUDA tensors; ``reference`` is flipkern.reference.attention. There
-is no CUDA C++ kernel for attention: ``use_backend("cuda")`` raises for it.
+Backends: ``cpu`` and ``cuda`` are the C++ op pair ``flipkern::varlen_attention_fwd/_bwd``
+(csrc/attention_cpu.cpp: tiled ATen matmuls, parallel over sequences and heads;
+csrc/attention_cuda.cu: a plain warp-per-row kernel, correct but not tuned);
+``triton`` the Python custom ops ``flipkern::varlen_attention_fwd_triton/_bwd_triton``
+(triton_kernels/attention.py), the fast GPU path and the default on CUDA tensors;
+``reference`` is flipkern.reference.attention.
 """
 import math
 
@@ -21,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _checks, _extension, backends
 from .reference import attention as ref
 
-ALL_BACKENDS = ("reference", "cpu", "triton")
+ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
 # ----------------------------------------------------------------------------- packing helpers
@@ -105,8 +106,9 @@ _validated = WeakIdKeyDictionary()
 
 def _check_cu_seqlens_values(op, cu, total, max_seqlen):
     """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total, every length <= max_seqlen; eager only."""
-    key = (cu._version, int(total))
-    hit = _validated.get(cu)
+    # Inference tensors have no version counter to tell an in-place change: always check those.
+    key = None if cu.is_inference() else (cu._version, int(total))
+    hit = _validated.get(cu) if key is not None else None
     if hit is not None and hit[0] == key and max_seqlen >= hit[1]:
         return
     c = cu.to(torch.int64)
@@ -129,7 +131,8 @@ def _check_cu_seqlens_values(op, cu, total, max_seqlen):
     if last != total:
         raise RuntimeError(f"flipkern.{op}: cu_seqlens[-1] = {last} must equal the number of packed "
                            f"rows of q ({total})")
-    _validated[cu] = (key, longest)
+    if key is not None:
+        _validated[cu] = (key, longest)
 
 
 def _resolve_scale(op, scale, Dh):

@@ -69,4 +69,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, scale=None):
             raise ValueError(f"a sequence of length {end - start} exceeds max_seqlen {max_seqlen}")
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, Dh]
         outs.append(attention(qs, ks, vs, causal=causal, scale=scale).transpose(0, 1))
-    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    if not outs:  # B = 0, so total = 0: attention over no tokens (keeps the autograd graph)
+        qs, ks, vs = (t.transpose(0, 1) for t in (q, k, v))
+        return attention(qs, ks, vs, causal=causal, scale=scale).transpose(0, 1)
+    return torch.cat(outs, 0)

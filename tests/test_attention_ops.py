@@ -3,7 +3,11 @@
 The Triton kernels run in the interpreter (TRITON_INTERPRET=1) on CPU tensors, which
 is slow: their cases keep total tokens <= 64, H <= 2, Dh 16/32.
 """
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,7 +81,9 @@ def test_varlen_attention_matches_reference(backend, dtype, causal):
 @pytest.mark.parametrize("Dh", [16, 24, 32, 64, 80, 128, 256])
 def test_varlen_attention_head_dims(backend, Dh):
     lengths = [3, 0, 20, 9] if backend == "triton" else [3, 0, 50, 9, 1]
-    _check_against_reference(backend, lengths, 1 if backend == "triton" else 3, Dh, torch.float32, True)
+    dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.bfloat16, torch.float16]
+    for dtype in dtypes:
+        _check_against_reference(backend, lengths, 1 if backend == "triton" else 3, Dh, dtype, True)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -88,15 +94,107 @@ def test_varlen_attention_strided_qkv_and_scale(backend, causal):
     _check_against_reference(backend, lengths, 2, 16, torch.float32, causal, scale=0.37, layout="qkv")
 
 
+CUDA_BACKENDS = usable_backends(("cuda", "triton"), device="cuda") if torch.cuda.is_available() else []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("Dh", [32, 64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_attention_cuda(dtype, Dh, causal):
-    # The compiled Triton kernels (default on CUDA tensors) with their GPU tile sizes.
+def test_varlen_attention_cuda(backend, dtype, Dh, causal):
+    # The compiled kernels on a GPU: Triton with its GPU tile sizes, and the CUDA C++ kernel.
     lengths = [0, 1, 300, 77, 5, 0, 128, 64, 1000]
-    with fk.use_backend("triton"):
-        _check_against_reference("triton", lengths, 3, Dh, dtype, causal, device="cuda")
+    _check_against_reference(backend, lengths, 3, Dh, dtype, causal, device="cuda")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_random_lengths(backend, causal):
+    # Random lengths (seeded), forced to include 0, 1 and one sequence longer than the rest.
+    g = torch.Generator().manual_seed(1)
+    small, B, long_len, Dh = (8, 4, 30, 16) if backend == "triton" else (60, 24, 300, 64)
+    lengths = torch.randint(0, small, (B,), generator=g).tolist() + [0, 1, long_len]
+    lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=g).tolist()]
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_against_reference(backend, lengths, 2, Dh, dtype, causal)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_saves_no_score_matrix(backend, causal):
+    # What autograd keeps for the backward: q, k, v, out [total, H, Dh], lse [H, total] and
+    # cu_seqlens; nothing with L * L (or total * total) elements.
+    lengths = [20, 0, 33]
+    total = sum(lengths)
+    q, k, v = (t.requires_grad_() for t in _qkv(total, 2, 16, torch.float32))
+    saved = []
+
+    def pack_hook(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with fk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        fk.varlen_attention(q, k, v, _cu(lengths), 33, causal=causal)
+    assert sorted(saved) == sorted([(total, 2, 16)] * 4 + [(2, total), (len(lengths) + 1,)]), saved
+
+
+# Shared memory per thread block on sm_80 (A100), the smallest of the GPUs the tiles target.
+SM80_SHARED_BYTES = 166912
+
+
+def _compile_gpu_tiles(dtype_name, Dh):
+    """Compile the forward and backward kernels ahead of time for sm_80 with the tiles
+    they get on a GPU -> {kernel name: shared memory bytes}. Needs compiled (not
+    interpreted) Triton functions: run without TRITON_INTERPRET."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flipkern.triton_kernels import attention as tk
+    dtype = getattr(torch, dtype_name)
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    stats_ptrs = {"LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32"}
+    shared = {}
+    for kernel, backward in ((tk._fwd_kernel, False), (tk._bwd_dkdv_kernel, True), (tk._bwd_dq_kernel, True)):
+        BM, BN, warps, stages = tk._blocks(Dh, dtype, torch.device("cuda"), backward=backward)
+        consts = dict(CAUSAL=True, ACC=tk._acc(dtype), PREC=tk._prec(dtype), UPCAST=False,
+                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=tk._block_d(Dh))
+        signature = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in stats_ptrs:
+                signature[name] = stats_ptrs[name]
+            elif name.isupper():  # Q, K, V, O, DO, DQ, DK, DV: tensors of the input dtype
+                signature[name] = f"*{elem}"
+            else:
+                signature[name] = "fp32" if "scale" in name else "i32"
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton_compile(src, target=GPUTarget("cuda", 80, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        shared[kernel.fn.__name__] = compiled.metadata.shared
+    return shared
+
+
+@pytest.mark.parametrize("dtype_name,Dh", [("bfloat16", 128), ("float32", 256)])
+def test_triton_gpu_tiles_compile_for_sm80(dtype_name, Dh):
+    # The GPU tile sizes (which the interpreter never uses) compile for sm_80 and fit in
+    # its shared memory; no GPU needed. The two cases hold the largest tiles: the bf16
+    # forward at Dh <= 128 and the fp32 backward at Dh = 256. In a subprocess without
+    # TRITON_INTERPRET, whose kernels are interpreted functions that cannot compile.
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import test_attention_ops as t; "
+            f"print(json.dumps(t._compile_gpu_tiles({dtype_name!r}, {Dh})))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shared = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for name, nbytes in shared.items():
+        assert 0 < nbytes <= SM80_SHARED_BYTES, (name, nbytes)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -129,15 +227,39 @@ def test_varlen_attention_max_seqlen_may_exceed_lengths(backend):
     torch.testing.assert_close(out, ref.varlen_attention(q, k, v, cu, 7))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpu"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_varlen_attention_strided_cu_seqlens(backend):
+    # A strided view of the offsets: the kernels must read its values, not its storage.
+    lengths = [4, 0, 7, 2]
+    cu = _cu(lengths)
+    spread = torch.stack([cu, torch.full_like(cu, 1000)], 1).reshape(-1)[::2]
+    assert not spread.is_contiguous()
+    q, k, v = _qkv(13, 2, 16, torch.float64)
+    with fk.use_backend(backend):
+        got = fk.varlen_attention(q, k, v, spread, 7, causal=True)
+    torch.testing.assert_close(got, ref.varlen_attention(q, k, v, cu, 7, causal=True))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_attention_gradcheck(backend, causal):
     lengths = [3, 0, 1, 4]
     cu = _cu(lengths)
     q, k, v = (t.requires_grad_() for t in _qkv(8, 2, 4, torch.float64))
     with fk.use_backend(backend):
+        # fast_mode (random projections) for the interpreted Triton kernels: the full
+        # Jacobian takes minutes there
         assert torch.autograd.gradcheck(
-            lambda a, b, c: fk.varlen_attention(a, b, c, cu, 4, causal=causal, scale=0.7), (q, k, v))
+            lambda a, b, c: fk.varlen_attention(a, b, c, cu, 4, causal=causal, scale=0.7), (q, k, v),
+            fast_mode=backend == "triton")
+
+
+@pytest.mark.skipif(os.environ.get("FLIPKERN_CUDA") != "1", reason="FLIPKERN_CUDA=1 not set")
+def test_varlen_attention_cuda_kernels_registered():
+    # Compiled and linked even with no GPU to run them (FLIPKERN_CUDA=1 forces the build).
+    assert fk.info()["cuda_kernels_compiled"]
+    for op in ("varlen_attention_fwd", "varlen_attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flipkern::{op}", "CUDA"), op
 
 
 def _ops(backend):
@@ -159,7 +281,9 @@ def test_varlen_attention_opcheck(backend, causal):
     torch.library.opcheck(bwd, (g, q.detach(), k.detach(), v.detach(), out, lse, cu, 18, causal, 0.25))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The reference backend is a Python loop over cu_seqlens.tolist(): data-dependent control
+# flow that no graph can hold, so only the kernels are compiled with fullgraph=True.
+@pytest.mark.parametrize("backend", KERNELS)
 def test_varlen_attention_compiles_fullgraph(backend):
     lengths = [5, 0, 18, 1]
     cu = _cu(lengths)
@@ -177,13 +301,6 @@ def test_varlen_attention_compiles_fullgraph(backend):
             grads.append((qs.grad, ks.grad, vs.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
-
-
-def test_varlen_attention_has_no_cuda_kernel():
-    q, k, v = _qkv(4, 1, 16, torch.float32)
-    with fk.use_backend("cuda"):
-        with pytest.raises(RuntimeError, match="no 'cuda' kernel"):
-            fk.varlen_attention(q, k, v, _cu([4]), 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -225,6 +342,23 @@ def test_varlen_attention_bad_input(backend):
             va(q, k, v, cu, 4)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_varlen_attention_backward_op_bad_input(backend):
+    fwd, bwd = _ops(backend)
+    cu = _cu([3, 5])
+    q, k, v = _qkv(8, 2, 16, torch.float32)
+    out, lse = fwd(q, k, v, cu, 5, False, 0.25)
+    g = torch.randn_like(out)
+    with pytest.raises((ValueError, RuntimeError), match="lse must be"):
+        bwd(g, q, k, v, out, lse[:, :7], cu, 5, False, 0.25)
+    with pytest.raises((ValueError, RuntimeError), match="grad_out"):
+        bwd(g[:7], q, k, v, out, lse, cu, 5, False, 0.25)
+    with pytest.raises((ValueError, RuntimeError), match="out"):
+        bwd(g, q, k, v, out[:, :1], lse, cu, 5, False, 0.25)
+    with pytest.raises((ValueError, RuntimeError), match="length 5 > max_seqlen = 4"):
+        bwd(g, q, k, v, out, lse, cu, 4, False, 0.25)
+
+
 def test_cu_seqlens_values_are_rechecked_after_an_in_place_change():
     if "triton" not in BACKENDS:
         pytest.skip("triton backend not usable")
@@ -235,6 +369,20 @@ def test_cu_seqlens_values_are_rechecked_after_an_in_place_change():
         cu[1] = 9  # bumps the version counter: the cached check no longer holds
         with pytest.raises(RuntimeError, match="non-decreasing"):
             fk.varlen_attention(q, k, v, cu, 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_in_inference_mode(backend):
+    # Inference tensors (no version counter, no autograd) must work too.
+    with torch.inference_mode():
+        cu = _cu([3, 5])
+        q, k, v = _qkv(8, 2, 16, torch.float64)
+        with fk.use_backend(backend):
+            got = fk.varlen_attention(q, k, v, cu, 5, causal=True)
+            got_again = fk.varlen_attention(q, k, v, cu, 5, causal=True)
+    want = ref.varlen_attention(q, k, v, cu, 5, causal=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_again, want)
 
 
 # ----------------------------------------------------------------------------- packing helpers

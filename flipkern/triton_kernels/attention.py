@@ -79,7 +79,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, num_m_blocks, Dh,
                 CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
     b = pid // num_m_blocks
     m0 = (pid % num_m_blocks) * BLOCK_M
     first = tl.load(CU + b)
@@ -132,7 +132,7 @@ def _bwd_delta_kernel(O, DO, DELTA, total, Dh, sot, soh, sgt, sgh, sd_h,
                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d]
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < total)[:, None] & (offs_d < Dh)[None, :]
     o = tl.load(O + rows[:, None] * sot + h * soh + offs_d[None, :], mask=mask, other=0.0).to(ACC)
@@ -147,7 +147,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, key block, head): dK, dV of its keys over all queries.
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
     b = pid // num_n_blocks
     n0 = (pid % num_n_blocks) * BLOCK_N
     first = tl.load(CU + b)
@@ -200,7 +200,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_block
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, query block, head): dQ of its queries over all keys.
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
     b = pid // num_m_blocks
     m0 = (pid % num_m_blocks) * BLOCK_M
     first = tl.load(CU + b)
@@ -252,6 +252,7 @@ def _lse_dtype(dtype):
 def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
     B = cu_seqlens.shape[0] - 1
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     out = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total), dtype=_lse_dtype(q.dtype), device=q.device)
     if total == 0 or H == 0 or B == 0 or max_seqlen == 0:
@@ -271,6 +272,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
     B = cu_seqlens.shape[0] - 1
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     dq = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
