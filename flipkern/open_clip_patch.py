@@ -30,18 +30,27 @@ import torch.nn.functional as F
 from . import fastpath
 
 
-def _default_blocks(transformer):
-    """The resblocks when they are all open_clip's plain ResidualAttentionBlock (nn.MultiheadAttention)."""
+def _uncovered_blocks(transformer):
+    """Why the resblocks are not all open_clip's plain ResidualAttentionBlock
+    (nn.MultiheadAttention self-attention), or None when they are."""
     from open_clip.transformer import ResidualAttentionBlock
-    blocks = list(transformer.resblocks)
     if not getattr(transformer, "batch_first", True):
-        return None, "the transformer is not batch_first"
-    for b in blocks:
+        return "the transformer is not batch_first"
+    for b in transformer.resblocks:
         if type(b) is not ResidualAttentionBlock or hasattr(b, "ln_1_kv"):
-            return None, f"block type {type(b).__name__} is not a plain ResidualAttentionBlock"
+            return f"block type {type(b).__name__} is not a plain ResidualAttentionBlock"
         if not b.attn._qkv_same_embed_dim or b.attn.in_proj_bias is None or b.attn.bias_k is not None:
-            return None, "the attention is not a plain self-attention with one fused in_proj"
-    return blocks, None
+            return "the attention is not a plain self-attention with one fused in_proj"
+    return None
+
+
+def _install(obj, name, fn, transformer):
+    """obj.<name> = fn bound to obj, when the blocks of ``transformer`` are covered."""
+    why = _uncovered_blocks(transformer)
+    if why:
+        return why
+    setattr(obj, name, types.MethodType(fn, obj))
+    return "flipkern"
 
 
 def _mlp_residual(block, x):
@@ -118,11 +127,7 @@ def _patch_visual(visual):
         return "PatchDropout(exclude_first_token=False) is not covered"
     if visual.grid_size[0] * visual.patch_size[0] != visual.image_size[0] or visual.patch_size[0] != visual.patch_size[1]:
         return "non-square patches or an image size the patch size does not divide"
-    _, why = _default_blocks(visual.transformer)
-    if why:
-        return why
-    visual.forward = types.MethodType(_visual_forward, visual)
-    return "flipkern"
+    return _install(visual, "forward", _visual_forward, visual.transformer)
 
 
 # ----------------------------------------------------------------------------- text
@@ -160,11 +165,7 @@ def _patch_text(model):
     causal = torch.full((L, L), float("-inf")).triu(1)
     if mask is None or mask.shape != (L, L) or not torch.equal(mask.cpu().float(), causal):
         return "the text attention mask is not the causal mask"
-    _, why = _default_blocks(model.transformer)
-    if why:
-        return why
-    model.encode_text = types.MethodType(_encode_text, model)
-    return "flipkern"
+    return _install(model, "encode_text", _encode_text, model.transformer)
 
 
 # ----------------------------------------------------------------------------- loss
