@@ -16,29 +16,24 @@ causal blocks run on the packed tokens with varlen attention, and only each
 caption's last token goes through ln_final and the projection.
 Loss: the chunked all-gather ``clip_loss`` / ``siglip_loss``.
 
-An op this build lacks runs its reference implementation and is reported as
-such by ``backends_used()``; the fast path never fails for that.
+Every flipkern op picks its backend itself (backends.select): an op with no
+kernel usable here (no C++ extension, no GPU) runs its reference
+implementation, so the fast path never fails for that, and
+``backends_used()`` reports what each op ran on.
 """
 import torch
 import torch.nn.functional as F
 
 from . import backends
+from .attention import pack
+from .losses import clip_loss, siglip_loss
+from .masking import gather_patches
+from .packed import packed_blocks_forward
 from .reference import clip as refclip
-from .reference import losses as ref_losses
 from .reference import masking as ref_masking
 from .reference.text import eot_positions
 
-_composed = {}  # what the fast path itself chose, per op (flipkern ops record theirs in backends)
-
-
-def _flipkern_op(name, fallback):
-    """flipkern.<name> when this build has it, else ``fallback`` (the reference), noted as such."""
-    import flipkern
-    fn = getattr(flipkern, name, None)
-    if fn is None:
-        _composed[name] = "reference (not in this flipkern build)"
-        return fallback
-    return fn
+_composed = {}  # how the fast path composed each tower (the ops record their own backends)
 
 
 def backends_used():
@@ -80,7 +75,7 @@ def patch_embed(images, ids_keep, weight, bias, pos_embed):
         patches = ref_masking.patchify(images, p)
         pos = pos_embed.expand(images.shape[0], -1, -1)
     else:
-        patches = _flipkern_op("gather_patches", ref_masking.gather_patches)(images, ids_keep, p)
+        patches = gather_patches(images, ids_keep, p)
         pos = F.embedding(ids_keep, pos_embed)
     start = pos if bias is None else pos + bias
     B, K, _ = patches.shape
@@ -115,8 +110,6 @@ def encode_image(visual, images, ids_keep=None, keep_lengths=None):
 
 
 def _encode_image_varlen(visual, x, keep_lengths):
-    import flipkern
-    from .packed import packed_blocks_forward
     has_cls = visual.cls_token is not None
     if keep_lengths.dim() != 1 or keep_lengths.shape[0] != x.shape[0]:
         raise ValueError(f"flipkern.fastpath: keep_lengths must be [B] = [{x.shape[0]}], "
@@ -124,7 +117,7 @@ def _encode_image_varlen(visual, x, keep_lengths):
     if keep_lengths.numel() and not 0 <= int(keep_lengths.min()) <= int(keep_lengths.max()) <= x.shape[1] - has_cls:
         raise ValueError(f"flipkern.fastpath: keep_lengths must lie in [0, K={x.shape[1] - has_cls}]")
     lengths = keep_lengths.to(device=x.device, dtype=torch.int64) + int(has_cls)
-    packed, cu = flipkern.pack(x, lengths)
+    packed, cu = pack(x, lengths)
     _composed["vision_attention"] = "varlen (K per sample)"
     packed = packed_blocks_forward(visual.blocks, packed, cu, int(lengths.max()), causal=False)
     if has_cls:
@@ -149,14 +142,12 @@ def encode_text(text, tokens):
     means the padding after it never influences it, so dropping the padding
     changes nothing but the work done.
     """
-    import flipkern
-    from .packed import packed_blocks_forward
     B, L = tokens.shape
     if L > text.cfg.context_length:
         raise ValueError(f"tokens have length {L} > context_length {text.cfg.context_length}")
     lengths = eot_positions(tokens, text.cfg.eot_id) + 1
-    packed_tokens, cu = flipkern.pack(tokens, lengths)
-    positions, _ = flipkern.pack(torch.arange(L, device=tokens.device).expand(B, L), lengths)
+    packed_tokens, cu = pack(tokens, lengths)
+    positions, _ = pack(torch.arange(L, device=tokens.device).expand(B, L), lengths)
     x = text.token_embedding(packed_tokens) + F.embedding(positions, text.pos_embed)
     _composed["text_attention"] = "varlen causal (packed, no padding)"
     x = packed_blocks_forward(text.blocks, x, cu, int(lengths.max()) if B else 0, causal=True)
@@ -193,14 +184,8 @@ def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
     # the loss kernels' internal matmuls to bf16 (flipkern's C++ clip_loss fails if it does).
     with torch.autocast(img.device.type, enabled=False):
         if model.cfg.loss == "siglip":
-            loss = _flipkern_op("siglip_loss", None)
-            if loss is None:
-                return ref_losses.siglip_loss(img, txt, scale, bias, group=group)
-            return loss(img, txt, scale, bias, chunk_size=chunk_size, group=group)
-        loss = _flipkern_op("clip_loss", None)
-        if loss is None:
-            return ref_losses.clip_loss(img, txt, scale, group=group)
-        return loss(img, txt, scale, chunk_size=chunk_size, group=group)
+            return siglip_loss(img, txt, scale, bias, chunk_size=chunk_size, group=group)
+        return clip_loss(img, txt, scale, chunk_size=chunk_size, group=group)
 
 
 __all__ = ["clip_forward", "contrastive_loss", "backends_used", "encode_image", "encode_text",

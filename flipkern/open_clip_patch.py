@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import fastpath
+from .attention import pack, varlen_attention
+from .losses import clip_loss, siglip_loss
 
 
 def _uncovered_blocks(transformer):
@@ -67,7 +69,6 @@ def _dense_block(block, x):
 
 def _packed_block(block, x, cu_seqlens, max_seqlen, causal):
     """An open_clip ResidualAttentionBlock on packed tokens [total, D] with varlen attention."""
-    from .attention import varlen_attention
     a = block.attn
     total, D = x.shape
     q, k, v = F.linear(block.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(total, 3, a.num_heads, -1).unbind(1)
@@ -140,12 +141,11 @@ def _text_end(model, text):
 
 
 def _encode_text(model, text, normalize=False):
-    from . import attention as fk_attention
     cast_dtype = model.transformer.get_cast_dtype()
     B, L = text.shape
     lengths = _text_end(model, text) + 1  # causal: nothing after the pooled token reaches it
-    packed_tokens, cu = fk_attention.pack(text, lengths)
-    positions, _ = fk_attention.pack(torch.arange(L, device=text.device).expand(B, L), lengths)
+    packed_tokens, cu = pack(text, lengths)
+    positions, _ = pack(torch.arange(L, device=text.device).expand(B, L), lengths)
     x = model.token_embedding(packed_tokens).to(cast_dtype) + F.embedding(positions, model.positional_embedding).to(cast_dtype)
     fastpath._composed["open_clip.text"] = "packed, varlen causal attention"
     x = _run_blocks(model.transformer, _packed_block, x, cu, int(lengths.max()) if B else 0, True)
@@ -178,7 +178,6 @@ def _group(world_size):
 
 
 def _clip_loss_forward(loss, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-    from .losses import clip_loss
     if logit_bias is not None:  # open_clip's CLIP loss with a bias: not the flipkern op's math
         return type(loss).forward(loss, image_features, text_features, logit_scale, logit_bias, output_dict)
     value = clip_loss(image_features, text_features, logit_scale, group=_group(loss.world_size))
@@ -186,7 +185,6 @@ def _clip_loss_forward(loss, image_features, text_features, logit_scale, logit_b
 
 
 def _siglip_loss_forward(loss, image_features, text_features, logit_scale, logit_bias, output_dict=False):
-    from .losses import siglip_loss
     value = siglip_loss(image_features, text_features, logit_scale, logit_bias, group=_group(loss.world_size))
     return {"contrastive_loss": value} if output_dict else value
 
