@@ -24,8 +24,9 @@ def plot(data, path):
                             xytext=(4, 4), fontsize=8)
     ax.set_xlabel("mask ratio (fraction of image patches dropped)")
     ax.set_ylabel("training throughput (img/s, fwd+bwd+AdamW)")
+    threads = {r.get("threads") for r in results}
     ax.set_title(f"{cfg.get('model', '')} CLIP, B={cfg.get('batch', '')}, {cfg.get('device', '')} "
-                 f"{cfg.get('precision', '')}")
+                 f"{cfg.get('precision', '')}, {'/'.join(map(str, sorted(threads)))} thread(s)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
