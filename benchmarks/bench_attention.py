@@ -15,7 +15,9 @@ work (real tokens only, causal halves it) for every impl, so TFLOP/s compare dir
 CPU cases run in float32; CUDA cases (when a GPU is present) in bfloat16, adding
 flash_attn_varlen_func when flash-attn is installed, the plain CUDA C++ kernel
 ("flipkern-cuda"; flipkern's default on CUDA is Triton), and a forward-only run of every
-case (the issue's goal: >= 0.8x of flash-attn 2's forward at Dh=64, bf16).
+case (the issue's goal: >= 0.8x of flash-attn 2's forward at Dh=64, bf16). On CUDA,
+SDPA picks its flash backend for the unmasked image cases; with the text cases' boolean
+mask it cannot, and runs its memory-efficient (or math) backend instead.
 """
 import pytest
 import torch

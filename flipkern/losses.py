@@ -69,9 +69,10 @@ def _check_features(op, image_features, text_features):
 
 
 def _as_scalar(op, name, value, like):
-    """A 0-d floating tensor on the features' device (a Python number becomes one)."""
+    """A 0-d floating tensor on the features' device (a Python number becomes one, in
+    float32, or float64 for float64 features: not rounded to 16 bits)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+        return torch.tensor(float(value), dtype=_lse_dtype(like.dtype), device=like.device)
     _checks.floating(op, name, value, device=like.device)
     if value.dim() != 0:
         _checks.fail(op, f"{name} must be a 0-d tensor (a scalar), got shape {tuple(value.shape)}")

@@ -47,8 +47,19 @@ def _loss_fn(name, **kw):
     return lambda i, t, s, b: fk.siglip_loss(i, t, s, b, **kw)
 
 
+COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_single", "all_gather", "all_reduce")
+
+
 def _worker(rank, world, init_file, out_dir, backends):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    originals = {c: getattr(dist, c) for c in COLLECTIVES}
+
+    def counting(calls, name):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return wrapper
+
     try:
         torch.set_num_threads(1)  # W processes share this machine's cores
         img, txt, scale, bias = _global_inputs(world)
@@ -56,9 +67,15 @@ def _worker(rank, world, init_file, out_dir, backends):
         results = {}
         for backend in backends:
             for name in LOSSES:
+                calls = {}  # the collectives one forward + backward runs
+                for c in COLLECTIVES:
+                    setattr(dist, c, counting(calls, c))
                 with fk.use_backend(backend):
                     fn = _loss_fn(name, chunk_size=CHUNK, group=dist.group.WORLD)
                     results[(backend, name)] = _value_and_grads(fn, img[rows], txt[rows], scale, bias)
+                for c in COLLECTIVES:
+                    setattr(dist, c, originals[c])
+                results[(backend, name, "collectives")] = calls
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -89,3 +106,12 @@ def test_ddp_average_equals_single_process_loss(distributed_results, backend, na
     ]
     for n, a, b in zip(("loss", "d_image", "d_text", "d_scale", "d_bias"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_one_gather_and_one_reduce_scatter(distributed_results, backend, name):
+    # CLIP gathers both towers in one buffer; SigLIP gathers the texts only.
+    _, per_rank = distributed_results
+    for r in per_rank:
+        assert r[(backend, name, "collectives")] == {"all_gather_into_tensor": 1, "reduce_scatter_single": 1}
