@@ -34,6 +34,8 @@ from .masking import (drop_tokens, gather_patches, random_keep_indices, restore_
 from .losses import clip_loss, siglip_loss  # noqa: E402
 from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
                         varlen_attention)
+from . import fastpath  # noqa: E402
+from .open_clip_patch import apply_to_open_clip  # noqa: E402
 
 
 def info():
@@ -45,4 +47,5 @@ def info():
 __all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens", "gather_patches", "random_keep_indices",
            "restore_tokens", "topk_keep_indices",
            "clip_loss", "siglip_loss",
-           "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask"]
+           "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask",
+           "fastpath", "apply_to_open_clip"]

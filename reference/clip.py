@@ -68,15 +68,20 @@ class CLIP(nn.Module):
         return self.head(self.visual(images, ids_keep), self.text(tokens))
 
     def loss(self, out, group=None):
-        img, txt, scale = (_at_least_fp32(out[k]) for k in ("image_features", "text_features", "logit_scale"))
+        img, txt, scale, bias = loss_inputs(out)
         if self.cfg.loss == "siglip":
-            return losses.siglip_loss(img, txt, scale, _at_least_fp32(out["logit_bias"]), group=group)
+            return losses.siglip_loss(img, txt, scale, bias, group=group)
         return losses.clip_loss(img, txt, scale, group=group)
 
 
-def _at_least_fp32(t):
-    # the loss in float32 when the towers ran in bf16/fp16 (autocast), as open_clip does
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def loss_inputs(out):
+    """(image_features, text_features, logit_scale, logit_bias or None) of a forward's dict in
+    at least float32: under autocast the loss runs in float32 (as open_clip's does), while a
+    float64 model keeps float64."""
+    def up(t):
+        return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+    return (up(out["image_features"]), up(out["text_features"]), up(out["logit_scale"]),
+            up(out.get("logit_bias")))
 
 
 def _preset(embed_dim, image_size, patch_size, vw, vd, vh, tw, td, th, ctx=77, vocab=49408, eot=49407):
