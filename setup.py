@@ -71,7 +71,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "numpy", "tqdm", "pillow", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "open_clip_torch"],
     },
     entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main"]},
 )

@@ -27,6 +27,7 @@
 
 #include "attention_checks.h"
 #include "attention_index.h"
+#include "no_autocast.h"
 
 namespace flipkern {
 namespace {
@@ -136,6 +137,7 @@ at::Tensor scores(const at::Tensor& Qb, const at::Tensor& Kb, double scale, bool
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     int64_t max_seqlen, bool causal, double scale) {
+  const flipkern::NoAutocast no_autocast;
   check_qkv(q, k, v, kFwd);
   const int64_t total = q.size(0), H = q.size(1), Dh = q.size(2);
   const auto off = check_cu_seqlens(cu_seqlens, total, max_seqlen, q, kFwd);
@@ -168,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,
     bool causal, double scale) {
+  const flipkern::NoAutocast no_autocast;
   check_qkv(q, k, v, kBwd);
   const int64_t total = q.size(0), H = q.size(1), Dh = q.size(2);
   check_bwd_extras(grad_out, q, out, lse, kBwd);

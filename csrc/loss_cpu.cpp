@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "loss_chunks.h"
+#include "no_autocast.h"
 
 namespace flipkern {
 namespace {
@@ -199,6 +200,7 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cpu(
     const at::Tensor& all_image, const at::Tensor& all_text, const at::Tensor& logit_scale,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   loss::check_clip(all_image, all_text, logit_scale, offset, local_batch, chunk_size, kClip);
   const auto op = loss::opmath_type(all_image.scalar_type());
   const auto I = all_image.to(op), T = all_text.to(op);
@@ -223,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& all_image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& lse_image, const at::Tensor& lse_text,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   const char* op_name = "clip_loss_backward";
   loss::check_clip(all_image, all_text, logit_scale, offset, local_batch, chunk_size, op_name);
   const auto op = loss::opmath_type(all_image.scalar_type());
@@ -256,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
 at::Tensor siglip_loss_fwd_cpu(const at::Tensor& image, const at::Tensor& all_text,
                                const at::Tensor& logit_scale, const at::Tensor& logit_bias,
                                int64_t offset, int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   loss::check_siglip(image, all_text, logit_scale, logit_bias, offset, chunk_size, kSiglip);
   const auto op = loss::opmath_type(image.scalar_type());
   const auto I = image.to(op), T = all_text.to(op);
@@ -275,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& logit_bias, int64_t offset,
     int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   loss::check_siglip(image, all_text, logit_scale, logit_bias, offset, chunk_size,
                      "siglip_loss_backward");
   const auto op = loss::opmath_type(image.scalar_type());

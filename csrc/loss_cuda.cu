@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "loss_chunks.h"
+#include "no_autocast.h"
 
 namespace flipkern {
 namespace {
@@ -249,6 +250,7 @@ void pass_backward(const PassGrad& pg, const at::Tensor& grad, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cuda(
     const at::Tensor& all_image, const at::Tensor& all_text, const at::Tensor& logit_scale,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   loss::check_clip(all_image, all_text, logit_scale, offset, local_batch, chunk_size, kClip);
   c10::cuda::CUDAGuard guard(all_image.device());
   const auto acc = loss::opmath_type(all_image.scalar_type());
@@ -271,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& all_image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& lse_image, const at::Tensor& lse_text,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   const char* op_name = "clip_loss_backward";
   loss::check_clip(all_image, all_text, logit_scale, offset, local_batch, chunk_size, op_name);
   c10::cuda::CUDAGuard guard(all_image.device());
@@ -298,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cuda(
 at::Tensor siglip_loss_fwd_cuda(const at::Tensor& image, const at::Tensor& all_text,
                                 const at::Tensor& logit_scale, const at::Tensor& logit_bias,
                                 int64_t offset, int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   loss::check_siglip(image, all_text, logit_scale, logit_bias, offset, chunk_size, kSiglip);
   c10::cuda::CUDAGuard guard(image.device());
   const auto acc = loss::opmath_type(image.scalar_type());
@@ -315,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& logit_bias, int64_t offset,
     int64_t chunk_size) {
+  const flipkern::NoAutocast no_autocast;
   loss::check_siglip(image, all_text, logit_scale, logit_bias, offset, chunk_size,
                      "siglip_loss_backward");
   c10::cuda::CUDAGuard guard(image.device());

@@ -180,8 +180,8 @@ def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
     if not fast:
         return model.loss(out, group=group)
     img, txt, scale, bias = refclip.loss_inputs(out)  # the same dtypes as the reference's loss
-    # The features are float32 (or float64) from here on: autocast must not recast
-    # the loss kernels' internal matmuls to bf16 (flipkern's C++ clip_loss fails if it does).
+    # The features are float32 (or float64) from here on, and the loss stays so on every
+    # backend: the kernels ignore autocast already, the reference fallback's matmuls would not.
     with torch.autocast(img.device.type, enabled=False):
         if model.cfg.loss == "siglip":
             return siglip_loss(img, txt, scale, bias, chunk_size=chunk_size, group=group)

@@ -470,3 +470,23 @@ def test_packed_block_equals_reference_block(backend, causal):
     got_grads = torch.autograd.grad(got, list(block.parameters()), g)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_autocast_region_does_not_recast_the_kernel(backend):
+    # Forward and backward inside a bf16 autocast region (a training step's): the kernel
+    # computes in the dtype it was given, so float32 inputs give the float32 results.
+    cu = _cu([5, 3])
+    q, k, v = _qkv(8, 2, 16, torch.float32)
+    g = torch.randn(8, 2, 16)
+
+    def fn(a, b, c):
+        return fk.varlen_attention(a, b, c, cu, 5, causal=True)
+
+    with fk.use_backend(backend):
+        want = _run(fn, q, k, v, g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _run(fn, q, k, v, g)
+    for w, x in zip(want, got):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, w, rtol=0, atol=0)

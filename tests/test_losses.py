@@ -265,3 +265,19 @@ def test_default_chunk_size_rule():
     assert losses.default_chunk_size("cuda", 1024, 2 ** 14) == 4096
     assert losses.default_chunk_size("cuda", 1024, 2 ** 20) == 256
     assert losses.default_chunk_size("cuda", 4, 4) == 8192
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_autocast_region_does_not_recast_the_kernel(backend, name):
+    # Called (and differentiated) inside a bf16 autocast region, as a training step does:
+    # float32 features give the float32 result, not a dtype error or a bf16-rounded value.
+    img, txt = _features(12, 8, torch.float32)
+    scale, bias = _params(torch.float32)
+    with fk.use_backend(backend):
+        want = _run(lambda *a: _loss(name, *a, chunk_size=5), img, txt, scale, bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _run(lambda *a: _loss(name, *a, chunk_size=5), img, txt, scale, bias)
+    for w, g, n in zip(want, got, NAMES):
+        assert g.dtype == torch.float32, n
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=n)
