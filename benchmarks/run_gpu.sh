@@ -20,4 +20,5 @@ python -c "import matplotlib" 2>/dev/null && png=(--png "$out/bench.png")  # the
 if ! python benchmarks/report.py "$out/bench.json" "${png[@]}" | tee "$out/bench.md"; then
   [ "$status" -ne 0 ] || status=1
 fi
+python benchmarks/bench_e2e.py --json "$out/e2e.json" | tee "$out/e2e.md" || { [ "$status" -ne 0 ] || status=1; }
 exit "$status"

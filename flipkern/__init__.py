@@ -40,7 +40,7 @@ from .open_clip_patch import apply_to_open_clip  # noqa: E402
 
 def info():
     """A dict of versions and backend status (what ``python -m flipkern.info`` prints)."""
-    from .info import collect
+    from ._info import collect
     return collect()
 
 

@@ -1,53 +1,11 @@
-"""``python -m flipkern.info``: versions, and which backends are built and usable (and why not)."""
-import json
-import platform
+"""``python -m flipkern.info``: versions, and which backends are built and usable (and why not).
+
+The code lives in flipkern/_info.py: a submodule named ``info`` that the package imported
+would replace the ``flipkern.info()`` function on the package; run as ``-m`` it never is.
+"""
 import sys
 
-
-def collect():
-    import torch
-
-    from . import _extension, backends
-    from .backends import BACKENDS
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception as e:
-        triton_version = f"not importable ({type(e).__name__})"
-    ext = _extension.status()
-    info = {
-        "flipkern": __import__("flipkern").__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "extension": ext["how"] if ext["loaded"] else f"unavailable: {ext['error']}",
-        "cuda_kernels_compiled": ext["cuda_compiled"],
-        "cuda_kernels_reason": ext["cuda_reason"],
-        "backends": {},
-    }
-    for name in BACKENDS:
-        usable, why = backends.backend_status(name)
-        info["backends"][name] = {"usable": usable, "why": why}
-    return info
-
-
-def main(argv=None):
-    args = sys.argv[1:] if argv is None else argv
-    data = collect()
-    if "--json" in args:
-        print(json.dumps(data, indent=2))
-        return 0
-    for key, value in data.items():
-        if key != "backends":
-            print(f"{key:>22}: {value}")
-    print("backends:")
-    for name, st in data["backends"].items():
-        print(f"  {name:<10} {'usable' if st['usable'] else 'not usable':<11} {st['why']}")
-    return 0
-
+from flipkern._info import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -91,3 +91,10 @@ def test_reference_is_the_installed_subpackage():
     import flipkern.reference as ref
     assert ref.__name__ == "flipkern.reference"
     assert hasattr(ref, "masking")
+
+
+def test_info_function_survives_the_info_command_module():
+    # flipkern.info() is a function; importing the code behind `python -m flipkern.info`
+    # must not replace it with a module (it did once, the second time info() was called).
+    assert callable(fk.info) and fk.info()["torch"] == torch.__version__
+    assert callable(fk.info) and fk.info()["torch"] == torch.__version__
