@@ -23,21 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import acc_type, dot_precision, interpreter_upcast, mm
+
 LOG2E = 1.4426950408889634
-
-
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _prec(dtype):
-    # fp32 inputs: full fp32 products (no TF32), so the error stays that of fp32 math;
-    # bf16/fp16: the target's default (tensor cores).
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
-
-
-def _upcast(q):
-    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
 def _block_d(Dh):
@@ -61,16 +49,6 @@ def _blocks(Dh, dtype, device, backward=False):
             return (32, 32, 4, 1)
         return (64, 32, 4, 2) if Dh <= 128 else (32, 32, 4, 1)
     return (32, 32, 4, 1) if Dh <= 64 else (16, 16, 4, 1)  # fp64
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: the Triton interpreter multiplies bf16 tiles wrongly; bf16 products are
-    # exact in fp32, so upcasting first computes the same thing a GPU's MMA does.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
-    else:
-        return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit
@@ -104,7 +82,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, num_m_blocks, Dh,
             col_ok = kn < L
             kT = tl.load(K + (start + kn)[None, :] * skt + h * skh + offs_d[:, None],
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            s = _mm(q, kT, PREC, ACC, UPCAST) * qk_scale
+            s = mm(q, kT, PREC, ACC, UPCAST) * qk_scale
             ok = col_ok[None, :]
             if CAUSAL:
                 ok = ok & (kn[None, :] <= offs_m[:, None])
@@ -117,7 +95,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, num_m_blocks, Dh,
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + (start + kn)[:, None] * svt + h * svh + offs_d[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, ACC, UPCAST)
+            acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PREC, ACC, UPCAST)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(O + (start + offs_m)[:, None] * sot + h * soh + offs_d[None, :],
@@ -174,18 +152,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n
             qT = tl.load(Q + (start + qm)[None, :] * sqt + h * sqh + offs_d[:, None],
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
             lse = tl.load(LSE + h * sl_h + start + qm, mask=row_ok, other=0.0) * 1.4426950408889634
-            sT = _mm(k, qT, PREC, ACC, UPCAST) * qk_scale  # [N, M], log2 units
+            sT = mm(k, qT, PREC, ACC, UPCAST) * qk_scale  # [N, M], log2 units
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= qm[None, :])
             pT = tl.where(ok, tl.exp2(sT - lse[None, :]), 0.0)
             do = tl.load(DO + (start + qm)[:, None] * sgt + h * sgh + offs_d[None, :],
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            dv += _mm(pT.to(do.dtype), do, PREC, ACC, UPCAST)
+            dv += mm(pT.to(do.dtype), do, PREC, ACC, UPCAST)
             delta = tl.load(DELTA + h * sl_h + start + qm, mask=row_ok, other=0.0)
-            dpT = _mm(v, tl.trans(do), PREC, ACC, UPCAST)
+            dpT = mm(v, tl.trans(do), PREC, ACC, UPCAST)
             dsT = pT * (dpT - delta[None, :])
-            dk += _mm(dsT.to(qT.dtype), tl.trans(qT), PREC, ACC, UPCAST)
+            dk += mm(dsT.to(qT.dtype), tl.trans(qT), PREC, ACC, UPCAST)
         dk = dk * scale
         tl.store(DK + (start + offs_n)[:, None] * sdkt + h * sdkh + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -228,14 +206,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_block
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             vT = tl.load(V + (start + kn)[None, :] * svt + h * svh + offs_d[:, None],
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            s = _mm(q, kT, PREC, ACC, UPCAST) * qk_scale
+            s = mm(q, kT, PREC, ACC, UPCAST) * qk_scale
             ok = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 ok = ok & (kn[None, :] <= offs_m[:, None])
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _mm(do, vT, PREC, ACC, UPCAST)
+            dp = mm(do, vT, PREC, ACC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq += _mm(ds.to(kT.dtype), tl.trans(kT), PREC, ACC, UPCAST)
+            dq += mm(ds.to(kT.dtype), tl.trans(kT), PREC, ACC, UPCAST)
         dq = dq * scale
         tl.store(DQ + (start + offs_m)[:, None] * sdqt + h * sdqh + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -264,7 +242,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         q, k, v, out, lse, cu_seqlens, scale * LOG2E, nm, Dh,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        CAUSAL=causal, ACC=_acc(q.dtype), PREC=_prec(q.dtype), UPCAST=_upcast(q),
+        CAUSAL=causal, ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), UPCAST=interpreter_upcast(q),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(Dh), num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -280,7 +258,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, ca
         return dq, dk, dv
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     grad_out, out, lse = _unit_last(grad_out), _unit_last(out), lse.contiguous()
-    acc, prec, BD = _acc(q.dtype), _prec(q.dtype), _block_d(Dh)
+    acc, prec, BD = acc_type(q.dtype), dot_precision(q.dtype), _block_d(Dh)
     delta = torch.empty_like(lse)
     DM = 16 if q.device.type != "cuda" else 64
     _bwd_delta_kernel[(triton.cdiv(total, DM), H)](
@@ -288,7 +266,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, ca
         grad_out.stride(0), grad_out.stride(1), delta.stride(0),
         ACC=acc, BLOCK_M=DM, BLOCK_D=BD)
     BM, BN, warps, stages = _blocks(Dh, q.dtype, q.device, backward=True)
-    common = dict(CAUSAL=causal, ACC=acc, PREC=prec, UPCAST=_upcast(q), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+    common = dict(CAUSAL=causal, ACC=acc, PREC=prec, UPCAST=interpreter_upcast(q), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   num_warps=warps, num_stages=stages)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1), lse.stride(0))

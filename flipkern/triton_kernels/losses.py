@@ -28,21 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+from ._tiles import acc_type, dot_precision, interpreter_upcast, mm
 
 
 def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _prec(dtype):
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
-
-
-def _upcast(x):
-    return x.dtype == torch.bfloat16 and x.device.type != "cuda"
 
 
 def _blocks(D, dtype, device):
@@ -59,16 +49,6 @@ def _blocks(D, dtype, device):
 
 
 @triton.jit
-def _mm(a, b, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: the Triton interpreter multiplies bf16 tiles wrongly; bf16 products are
-    # exact in fp32, so upcasting first computes the same thing a GPU's MMA does.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC)
-    else:
-        return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-
-
-@triton.jit
 def _tile(A, B, rows, cols, row_ok, col_ok, D, sa0, sa1, sb0, sb1,
           ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -82,7 +62,7 @@ def _tile(A, B, rows, cols, row_ok, col_ok, D, sa0, sa1, sb0, sb1,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         bT = tl.load(B + cols[None, :] * sb0 + kk[:, None] * sb1,
                      mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += _mm(a, bT, PREC, ACC, UPCAST)
+        acc += mm(a, bT, PREC, ACC, UPCAST)
     return acc
 
 
@@ -173,7 +153,7 @@ def _bwd_rows_kernel(A, B, LA, LB, DA, PART, SCALE, BIAS, GRAD, R, N, D, offset,
                        coef * pos_mult, offset, SOFTMAX, HAS_COL)
         b = tl.load(B + cols[:, None] * sb0 + dd[None, :] * sb1,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _mm(g.to(b.dtype), b, PREC, ACC, UPCAST)
+        acc += mm(g.to(b.dtype), b, PREC, ACC, UPCAST)
         dsc += tl.sum(g * raw, 1)
         dbi += tl.sum(g, 1)
     tl.store(DA + rows[:, None] * sda0 + dd[None, :], acc * scale, mask=row_ok[:, None] & d_ok[None, :])
@@ -208,7 +188,7 @@ def _bwd_cols_kernel(A, B, LA, LB, DB, SCALE, BIAS, GRAD, R, N, D, offset, coef_
                        coef * pos_mult, offset, SOFTMAX, HAS_COL)
         a = tl.load(A + rows[:, None] * sa0 + dd[None, :] * sa1,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += _mm(tl.trans(g.to(a.dtype)), a, PREC, ACC, UPCAST)
+        acc += mm(tl.trans(g.to(a.dtype)), a, PREC, ACC, UPCAST)
     tl.store(DB + cols[:, None] * sdb0 + dd[None, :], acc * scale, mask=col_ok[:, None] & d_ok[None, :])
 
 
@@ -216,7 +196,7 @@ def _bwd_cols_kernel(A, B, LA, LB, DB, SCALE, BIAS, GRAD, R, N, D, offset, coef_
 
 def _meta(x):
     BM, BN, BK, BD, warps = _blocks(x.shape[1], x.dtype, x.device)
-    return dict(ACC=_acc(x.dtype), PREC=_prec(x.dtype), UPCAST=_upcast(x), BLOCK_M=BM, BLOCK_N=BN,
+    return dict(ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype), UPCAST=interpreter_upcast(x), BLOCK_M=BM, BLOCK_N=BN,
                 BLOCK_K=BK, num_warps=warps), BD
 
 

@@ -3,10 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc_dtype(dtype):
-    # fp32 math for fp16/bf16/fp32 (one rounding, like PyTorch's own add); fp64 stays fp64.
-    return tl.float64 if dtype == torch.float64 else tl.float32
+from ._tiles import acc_type
 
 
 def _block_d(D):
@@ -119,7 +116,7 @@ def drop_tokens(x, ids_keep, pos_embed):
     _drop_tokens_fwd[(B * K, triton.cdiv(D, BLOCK_D))](
         x, ids_keep, pos, out, K, D, *x.stride(), *ids_keep.stride(),
         pos.stride(0) if has_pos else 0, pos.stride(1) if has_pos else 0,
-        HAS_POS=has_pos, ACC=_acc_dtype(x.dtype), BLOCK_D=BLOCK_D)
+        HAS_POS=has_pos, ACC=acc_type(x.dtype), BLOCK_D=BLOCK_D)
     return out
 
 
@@ -131,7 +128,7 @@ def drop_tokens_backward(grad, ids_keep, num_tokens):
     BLOCK_D = _block_d(D)
     _drop_tokens_bwd[(B, triton.cdiv(D, BLOCK_D))](
         grad, ids_keep, dx, K, num_tokens, D, *grad.stride(), *ids_keep.stride(),
-        ACC=_acc_dtype(grad.dtype), BLOCK_D=BLOCK_D)
+        ACC=acc_type(grad.dtype), BLOCK_D=BLOCK_D)
     return dx
 
 
@@ -158,7 +155,7 @@ def gather_patches_backward(grad, ids_keep, image_shape, patch_size):
     BLOCK = _block_d(E)
     _gather_patches_bwd[(B, triton.cdiv(E, BLOCK))](
         grad, ids_keep, dimages, K, E, p, W // p, *dimages.stride(), *grad.stride(),
-        *ids_keep.stride(), ACC=_acc_dtype(grad.dtype), BLOCK=BLOCK)
+        *ids_keep.stride(), ACC=acc_type(grad.dtype), BLOCK=BLOCK)
     return dimages
 
 
