@@ -158,7 +158,7 @@ def _compile_gpu_tiles(dtype_name, Dh):
     shared = {}
     for kernel, backward in ((tk._fwd_kernel, False), (tk._bwd_dkdv_kernel, True), (tk._bwd_dq_kernel, True)):
         BM, BN, warps, stages = tk._blocks(Dh, dtype, torch.device("cuda"), backward=backward)
-        consts = dict(CAUSAL=True, ACC=tk._acc(dtype), PREC=tk._prec(dtype), UPCAST=False,
+        consts = dict(CAUSAL=True, ACC=tk.acc_type(dtype), PREC=tk.dot_precision(dtype), UPCAST=False,
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=tk._block_d(Dh))
         signature = {}
         for name in kernel.arg_names:
