@@ -52,17 +52,24 @@ def _blocks(Dh, dtype, device, backward=False):
 
 
 @triton.jit
+def _program_block(CU, num_blocks, BLOCK: tl.constexpr):
+    """The (head, first row of its sequence, sequence length, first row of its block in the
+    sequence) of this program: programs are (sequence, block) along axis 0, heads along axis 1."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
+    b = pid // num_blocks
+    first = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - first
+    # 64-bit row offsets: total * row stride may pass 2**31
+    return h, first.to(tl.int64), L, (pid % num_blocks) * BLOCK
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, num_m_blocks, Dh,
                 sqt, sqh, skt, skh, svt, svh, sot, soh, sl_h,
                 CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
-    b = pid // num_m_blocks
-    m0 = (pid % num_m_blocks) * BLOCK_M
-    first = tl.load(CU + b)
-    L = tl.load(CU + b + 1) - first
-    start = first.to(tl.int64)  # 64-bit row offsets: total * row stride may pass 2**31
+    h, start, L, m0 = _program_block(CU, num_m_blocks, BLOCK_M)
     if m0 < L:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -124,13 +131,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n
                      CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, key block, head): dK, dV of its keys over all queries.
-    pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
-    b = pid // num_n_blocks
-    n0 = (pid % num_n_blocks) * BLOCK_N
-    first = tl.load(CU + b)
-    L = tl.load(CU + b + 1) - first
-    start = first.to(tl.int64)  # 64-bit row offsets: total * row stride may pass 2**31
+    h, start, L, n0 = _program_block(CU, num_n_blocks, BLOCK_N)
     if n0 < L:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -177,13 +178,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_block
                    CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, query block, head): dQ of its queries over all keys.
-    pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # h * (stride of a head) may pass 2**31
-    b = pid // num_m_blocks
-    m0 = (pid % num_m_blocks) * BLOCK_M
-    first = tl.load(CU + b)
-    L = tl.load(CU + b + 1) - first
-    start = first.to(tl.int64)  # 64-bit row offsets: total * row stride may pass 2**31
+    h, start, L, m0 = _program_block(CU, num_m_blocks, BLOCK_M)
     if m0 < L:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
