@@ -92,9 +92,13 @@ def _preset(embed_dim, image_size, patch_size, vw, vd, vh, tw, td, th, ctx=77, v
 
 
 # tiny: trains on a 2-core CPU in minutes (the pretraining CLI's default, with its
-# byte tokenizer's vocabulary); the others are the usual GPU-sized towers.
+# byte tokenizer's vocabulary). Its 32 px images are cut into 16 patches of 8 px:
+# with 64 patches of 4 px the mean-pooled tiny ViT stayed near chance at telling
+# the synthetic shapes apart even when trained supervised (35% on 5 shapes after
+# 400 steps, vs 94% with 8 px patches), as each token held too little of a shape.
+# The others are the usual GPU-sized towers.
 PRESETS = {
-    "tiny": _preset(128, 32, 4, 128, 4, 4, 128, 3, 4, ctx=48, vocab=259, eot=258),
+    "tiny": _preset(128, 32, 8, 128, 4, 4, 128, 3, 4, ctx=48, vocab=259, eot=258),
     "ViT-Ti/16": _preset(256, 224, 16, 192, 12, 3, 256, 6, 4),
     "ViT-S/16": _preset(384, 224, 16, 384, 12, 6, 384, 12, 6),
     "ViT-B/32": _preset(512, 224, 32, 768, 12, 12, 512, 12, 8),

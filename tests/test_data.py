@@ -77,11 +77,28 @@ def test_synthetic_heldout_split_is_disjoint():
     assert all(a != b for a, b in zip(t, v))
 
 
+@pytest.mark.parametrize("spread", [0.0, 0.25, 1.0])
+def test_synthetic_position_spread_bounds_the_centre(spread):
+    H = 32
+    ds = SyntheticShapes("train", 2000, seed=0, config=SyntheticConfig(image_size=H, position_spread=spread))
+    offsets = []
+    for i in range(2000):
+        a = ds.attributes(i)
+        reach = (H / 2 - a["radius"] * 1.05) * spread  # the shape (with its margin) always fits
+        for c in (a["cx"], a["cy"]):
+            assert abs(c - H / 2) <= reach + 1e-9
+            offsets.append(abs(c - H / 2) / max(H / 2 - a["radius"] * 1.05, 1e-9))
+    if spread:  # and the centre does use the whole allowed range, uniformly
+        assert max(offsets) > 0.95 * spread and 0.4 * spread < sum(offsets) / len(offsets) < 0.6 * spread
+
+
 def test_synthetic_bad_config():
     with pytest.raises(ValueError, match="unknown colour"):
         SyntheticConfig(colours=("red", "mauve"))
     with pytest.raises(ValueError, match="unknown shape"):
         SyntheticConfig(shapes=("circle", "blob"))
+    with pytest.raises(ValueError, match="position_spread"):
+        SyntheticConfig(position_spread=1.5)
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -45,6 +45,10 @@ def _eval_records(out):
     return [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["type"] == "eval"]
 
 
+def _read_config(out):
+    return json.load(open(os.path.join(out, "config.json")))
+
+
 def _final_state(out):
     return ckpt.load(ckpt.latest_checkpoint(out))
 
@@ -212,6 +216,16 @@ def test_mask_schedule_and_accumulation(tmp_path):
     assert main(MICRO + ["--steps", "2", "--mask-ratio", "0", "--output-dir", out0, "--no-eval",
                          "--no-fast-path"]) == 0
     assert not any(r["masked"] for r in _train_records(out0))
+
+
+def test_default_unmasked_tuning_is_the_last_fifth_of_the_steps(tmp_path):
+    out = str(tmp_path / "run")
+    assert main(MICRO + ["--steps", "5", "--output-dir", out, "--no-eval"]) == 0
+    assert [r["masked"] for r in _train_records(out)] == [True, True, True, True, False]
+    assert _read_config(out)["args"]["unmasked_tune_steps"] == 1
+    out0 = str(tmp_path / "nomask")
+    assert main(MICRO + ["--steps", "5", "--mask-ratio", "0", "--output-dir", out0, "--no-eval"]) == 0
+    assert _read_config(out0)["args"]["unmasked_tune_steps"] == 0
 
 
 def test_trains_on_csv_with_bad_rows(tmp_path, capsys):

@@ -1,10 +1,10 @@
 """A built-in image-caption dataset that needs no download.
 
 Every sample is rendered on the fly from ``(seed, split, index)``: one coloured
-shape (circle, square, triangle, star, cross, ...) of some size at some
-position on a textured or noisy background, with a caption that names it in
-one of many sentence forms ("a photo of a small red circle", "red circle on a
-striped background", ...). Any index is reproducible and no files are written.
+shape (circle, square, triangle, star, cross, ...) of some size near the centre
+(how near: ``position_spread``) on a textured or noisy background, with a
+caption that names it in one of many sentence forms ("a photo of a small red
+circle", "red circle on a striped background", ...). Any index is reproducible and no files are written.
 
 The class of a sample is its (colour, shape) pair; ``classnames`` and
 ``templates`` give the zero-shot classifier prompts. The held-out split draws
@@ -95,6 +95,10 @@ class SyntheticConfig:
     colour_jitter: float = 18.0     # per-channel jitter of the shape colour
     background_contrast: float = 45.0
     supersample: int = 4            # shapes are drawn at this factor and box-filtered down
+    # How far the centre strays: 0 always the image centre, 1 anywhere the shape fits. The
+    # default keeps shapes near the middle, so the tiny CPU model learns them in minutes
+    # (at 1 its zero-shot top-1 stays near 31% after 600 steps; at 0.25, 79% after 1500).
+    position_spread: float = 0.25
     caption_templates: tuple = CAPTION_TEMPLATES
     zeroshot_templates: tuple = ZEROSHOT_TEMPLATES
     extra: dict = field(default_factory=dict)
@@ -108,6 +112,8 @@ class SyntheticConfig:
         for s in self.shapes:
             if s not in SHAPES:
                 raise ValueError(f"synthetic: unknown shape {s!r}; known: {list(SHAPES)}")
+        if not 0 <= self.position_spread <= 1:
+            raise ValueError(f"synthetic: position_spread must be in [0, 1], got {self.position_spread}")
         if self.image_size < 8:
             raise ValueError(f"synthetic: image_size must be >= 8, got {self.image_size}")
 
@@ -237,8 +243,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
         H = cfg.image_size
         r = rng.uniform(lo, hi) * H
         margin = r * 1.05
-        cx = rng.uniform(margin, H - margin) if H - 2 * margin > 0 else H / 2
-        cy = rng.uniform(margin, H - margin) if H - 2 * margin > 0 else H / 2
+        reach = max(H / 2 - margin, 0.0) * cfg.position_spread  # how far the centre may move
+        cx = H / 2 + rng.uniform(-1, 1) * reach
+        cy = H / 2 + rng.uniform(-1, 1) * reach
         rot_range = {"square": 0.2, "diamond": 0.2, "cross": 0.3}.get(cfg.shapes[si], math.pi)
         rot = rng.uniform(-rot_range, rot_range)
         background = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]

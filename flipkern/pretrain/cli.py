@@ -80,6 +80,9 @@ def build_parser():
     d.add_argument("--synthetic-colours", default=None,
                    help="comma list of colours for the synthetic dataset (classes = colours x shapes)")
     d.add_argument("--synthetic-shapes", default=None, help="comma list of shapes for the synthetic dataset")
+    d.add_argument("--synthetic-position-spread", type=_float(0, 1), default=None,
+                   help="synthetic: how far shapes stray from the image centre (0: centred, 1: anywhere they "
+                        "fit; default 0.25)")
     d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset's content")
     d.add_argument("--workers", type=_nonneg_int, default=1, help="DataLoader worker processes per rank")
     d.add_argument("--bpe-vocab", default=None,
@@ -111,8 +114,9 @@ def build_parser():
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     t.add_argument("--mask-ratio", type=_float(0, 1, hi_open=True), default=0.5,
                    help="fraction of image patches dropped (FLIP), in [0, 1)")
-    t.add_argument("--unmasked-tune-steps", type=_nonneg_int, default=0,
-                   help="the last N steps train with no masking (FLIP's unmasked tuning)")
+    t.add_argument("--unmasked-tune-steps", type=_nonneg_int, default=None,
+                   help="the last N steps train with no masking (FLIP's unmasked tuning); default: the last "
+                        "20%% of --steps when --mask-ratio > 0")
     t.add_argument("--seed", type=int, default=0, help="seeds model init, data order and masks")
     fp = t.add_mutually_exclusive_group()
     fp.add_argument("--fast-path", dest="fast_path", action="store_true", default=True,

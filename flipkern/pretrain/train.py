@@ -32,10 +32,13 @@ from .cli import PROG, CLIError
 from .evaluate import evaluate
 from .metrics import MetricsLog, plot_curves
 
-# Defaults of the bare command (tuned so the tiny model reaches >= 70% zero-shot
-# top-1 on the synthetic held-out split in a few minutes on a 2-core CPU).
-DEFAULTS = dict(steps=600, batch_size=128, lr=1e-3, warmup_steps=50, image_size=32, patch_size=4,
-                context_length=48)
+# Defaults of the bare command, tuned so the tiny model reaches >= 70% zero-shot top-1
+# on the synthetic held-out split in about 6 minutes on a 2-core CPU (measured: README).
+# The last UNMASKED_TUNE_FRACTION of the steps train without masking (FLIP's unmasked
+# tuning) unless --unmasked-tune-steps says otherwise: with half of the tiny model's 16
+# patches dropped, those steps lift zero-shot top-1 from ~60% to ~80%.
+DEFAULTS = dict(steps=1500, batch_size=128, lr=1e-3, warmup_steps=50)
+UNMASKED_TUNE_FRACTION = 0.2
 
 
 class NonFiniteLoss(RuntimeError):
@@ -124,8 +127,6 @@ def model_config(args, tokenizer=None):
     cfg = dataclasses.replace(refclip.PRESETS[args.model]) if dataclasses.is_dataclass(
         refclip.PRESETS[args.model]) else refclip.PRESETS[args.model]
     over = {}
-    if args.model == "tiny":
-        over.update(image_size=DEFAULTS["image_size"], patch_size=DEFAULTS["patch_size"])
     if args.image_size:
         over["image_size"] = args.image_size
     if args.patch_size:
@@ -158,6 +159,8 @@ def build_datasets(args, image_size):
             sc["colours"] = tuple(c.strip() for c in args.synthetic_colours.split(",") if c.strip())
         if args.synthetic_shapes:
             sc["shapes"] = tuple(c.strip() for c in args.synthetic_shapes.split(",") if c.strip())
+        if args.synthetic_position_spread is not None:
+            sc["position_spread"] = args.synthetic_position_spread
         try:
             scfg = fkdata.SyntheticConfig(image_size=image_size, **sc)
         except ValueError as e:
@@ -279,10 +282,12 @@ class _Sigterm:
 
 def run(args):
     for k, v in DEFAULTS.items():
-        if hasattr(args, k) and getattr(args, k) is None and k not in ("image_size", "patch_size", "context_length"):
+        if getattr(args, k) is None:
             setattr(args, k, v)
     if args.warmup_steps is None:
         args.warmup_steps = min(DEFAULTS["warmup_steps"], max(1, args.steps // 10))
+    if args.unmasked_tune_steps is None:
+        args.unmasked_tune_steps = int(args.steps * UNMASKED_TUNE_FRACTION) if args.mask_ratio > 0 else 0
     if args.unmasked_tune_steps > args.steps:
         raise CLIError(f"--unmasked-tune-steps {args.unmasked_tune_steps} exceeds --steps {args.steps}")
     if args.threads:
@@ -312,8 +317,6 @@ def _run(args, di):
     ctx_len = args.context_length
     if ctx_len is None:
         ctx_len = base_cfg.text.context_length
-        if args.model == "tiny":
-            ctx_len = min(ctx_len, DEFAULTS["context_length"])
     try:
         tokenizer = fkdata.build_tokenizer(args.bpe_vocab, ctx_len)
     except (OSError, ValueError) as e:
