@@ -228,6 +228,16 @@ def test_default_unmasked_tuning_is_the_last_fifth_of_the_steps(tmp_path):
     assert _read_config(out0)["args"]["unmasked_tune_steps"] == 0
 
 
+def test_default_warmup_is_a_tenth_of_a_short_run(tmp_path):
+    i = MICRO.index("--warmup-steps")
+    argv = MICRO[:i] + MICRO[i + 2:]
+    out = str(tmp_path / "run")
+    assert main(argv + ["--steps", "30", "--output-dir", out, "--no-eval", "--checkpoint-every", "0"]) == 0
+    assert _read_config(out)["args"]["warmup_steps"] == 3
+    lrs = [r["lr"] for r in _train_records(out)]
+    assert lrs[2] == pytest.approx(1e-3) and lrs[1] < lrs[2]  # peak reached at the end of warmup
+
+
 def test_trains_on_csv_with_bad_rows(tmp_path, capsys):
     from PIL import Image
     d = tmp_path / "data"

@@ -105,7 +105,8 @@ def build_parser():
     t.add_argument("--lr", type=_float(0, lo_open=True), default=None, help="peak learning rate")
     t.add_argument("--min-lr-ratio", type=_float(0, 1), default=0.05,
                    help="final lr as a fraction of --lr (cosine end point)")
-    t.add_argument("--warmup-steps", type=_nonneg_int, default=None)
+    t.add_argument("--warmup-steps", type=_nonneg_int, default=None,
+                   help="linear lr warmup; default: 50, or a tenth of --steps when that is fewer")
     t.add_argument("--weight-decay", type=_float(0), default=0.1)
     t.add_argument("--beta1", type=_float(0, 1, hi_open=True), default=0.9)
     t.add_argument("--beta2", type=_float(0, 1, hi_open=True), default=0.98)

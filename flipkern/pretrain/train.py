@@ -37,7 +37,8 @@ from .metrics import MetricsLog, plot_curves
 # The last UNMASKED_TUNE_FRACTION of the steps train without masking (FLIP's unmasked
 # tuning) unless --unmasked-tune-steps says otherwise: with half of the tiny model's 16
 # patches dropped, those steps lift zero-shot top-1 from ~60% to ~80%.
-DEFAULTS = dict(steps=1500, batch_size=128, lr=1e-3, warmup_steps=50)
+DEFAULTS = dict(steps=1500, batch_size=128, lr=1e-3)
+MAX_WARMUP_STEPS = 50  # the default warmup: this many steps, or a tenth of a shorter run
 UNMASKED_TUNE_FRACTION = 0.2
 
 
@@ -285,7 +286,7 @@ def run(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.warmup_steps is None:
-        args.warmup_steps = min(DEFAULTS["warmup_steps"], max(1, args.steps // 10))
+        args.warmup_steps = min(MAX_WARMUP_STEPS, max(1, args.steps // 10))
     if args.unmasked_tune_steps is None:
         args.unmasked_tune_steps = int(args.steps * UNMASKED_TUNE_FRACTION) if args.mask_ratio > 0 else 0
     if args.unmasked_tune_steps > args.steps:
