@@ -4,11 +4,7 @@
 (flipkern.pretrain.train).
 """
 from .cli import build_parser, main, parse_args
-
-
-def run(args):
-    from .train import run as _run
-    return _run(args)
+from .train import run
 
 
 __all__ = ["main", "parse_args", "build_parser", "run"]

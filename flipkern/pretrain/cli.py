@@ -11,11 +11,12 @@ import argparse
 import os
 import sys
 
-PROG = "flipkern-pretrain"
+from ..data.datasets import DataError
+from .errors import PROG, CLIError, NonFiniteLoss
+from .train import run
 
-
-class CLIError(Exception):
-    """A bad argument or unusable data path: one error line, exit code 2."""
+# The --model-override example of --help (a test parses it): a field of a sub-config.
+MODEL_OVERRIDE_EXAMPLE = "vision.width=128"
 
 
 def _positive_int(s):
@@ -64,7 +65,19 @@ def _override(s):
 def build_parser():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
+    _add_data_args(p.add_argument_group("data"))
+    _add_model_args(p.add_argument_group("model"))
+    _add_training_args(p.add_argument_group("training"))
+    _add_output_args(p.add_argument_group("output and checkpoints"))
+    _add_logging_args(p.add_argument_group("evaluation and logging"))
+    # test hooks, not shown in --help
+    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+def _add_data_args(d):
     d.add_argument("--train-data", default=None,
                    help="CSV/TSV file or tar shards (brace patterns, '::'-joined); default: the built-in "
                         "synthetic dataset")
@@ -90,14 +103,18 @@ def build_parser():
     d.add_argument("--context-length", type=_positive_int, default=None,
                    help="text tokens per caption (default: the model's)")
 
-    m = p.add_argument_group("model")
+
+def _add_model_args(m):
     m.add_argument("--model", default="tiny", help="a preset of flipkern.reference.clip.PRESETS")
     m.add_argument("--image-size", type=_positive_int, default=None, help="override the preset's image size")
     m.add_argument("--patch-size", type=_positive_int, default=None, help="override the preset's patch size")
     m.add_argument("--model-override", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra build_clip override, e.g. --model-override vision_width=128 (repeatable)")
+                   help="set a field of the model config (flipkern.reference.clip): 'vision.KEY' or 'text.KEY' "
+                        "for one tower, a bare KEY for the config or the first tower that has it; e.g. "
+                        f"--model-override {MODEL_OVERRIDE_EXAMPLE} (repeatable)")
 
-    t = p.add_argument_group("training")
+
+def _add_training_args(t):
     t.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
     t.add_argument("--batch-size", type=_positive_int, default=None,
                    help="global contrastive batch per micro-step, over all processes")
@@ -112,7 +129,9 @@ def build_parser():
     t.add_argument("--beta2", type=_float(0, 1, hi_open=True), default=0.98)
     t.add_argument("--eps", type=_float(0, lo_open=True), default=1e-6)
     t.add_argument("--grad-clip", type=_float(0), default=1.0, help="max grad norm (0: off)")
-    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="autocast dtype of the forward (weights stay fp32; fp16 adds a GradScaler); default: "
+                        "bf16 on a CUDA device, fp32 on CPU")
     t.add_argument("--mask-ratio", type=_float(0, 1, hi_open=True), default=0.5,
                    help="fraction of image patches dropped (FLIP), in [0, 1)")
     t.add_argument("--unmasked-tune-steps", type=_nonneg_int, default=None,
@@ -128,7 +147,8 @@ def build_parser():
     t.add_argument("--skip-nonfinite", action="store_true",
                    help="skip an optimizer step whose loss is nan/inf instead of stopping")
 
-    c = p.add_argument_group("output and checkpoints")
+
+def _add_output_args(c):
     c.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
     c.add_argument("--checkpoint-every", type=_nonneg_int, default=200, help="steps between checkpoints (0: only at the end)")
     c.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, help="keep the last N (0: all)")
@@ -136,20 +156,17 @@ def build_parser():
     c.add_argument("--no-auto-resume", dest="auto_resume", action="store_false", default=True,
                    help="do not resume from the output dir's latest checkpoint")
 
-    e = p.add_argument_group("evaluation and logging")
+
+def _add_logging_args(e):
     e.add_argument("--eval-every", type=_nonneg_int, default=0, help="steps between evaluations (0: only at the end)")
     e.add_argument("--eval-batch-size", type=_positive_int, default=250)
     e.add_argument("--no-eval", dest="eval", action="store_false", default=True, help="skip evaluation")
-    e.add_argument("--log-every", type=_positive_int, default=10, help="steps between metrics.jsonl records")
+    e.add_argument("--log-every", type=_positive_int, default=10,
+                   help="steps between metrics.jsonl records and, when stderr is not a terminal, progress "
+                        "lines (step, loss, lr, img/s, ETA)")
     e.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no tqdm bar (it is also off when stderr is not a terminal)")
+                   help="no progress on stderr: neither the tqdm bar (stderr a terminal) nor the progress lines")
     e.add_argument("--no-plot", dest="plot", action="store_false", default=True)
-
-    # test hooks, not shown in --help
-    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
-    return p
 
 
 def parse_args(argv=None):
@@ -161,8 +178,6 @@ def parse_args(argv=None):
         import torch
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-    if args.precision == "fp16" and args.device == "cpu":
-        pass  # allowed: CPU autocast supports float16, with a GradScaler
     if args.train_data is None and args.dataset_type in ("csv", "webdataset"):
         parser.error(f"--dataset-type {args.dataset_type} needs --train-data")
     if args.train_data is not None and args.dataset_type == "synthetic":
@@ -176,18 +191,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ..data.datasets import DataError
-    from .train import NonFiniteLoss, run
-
     try:
-        result = run(args)
+        run(args)
     except (CLIError, DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    return 0 if result is not None else 0
+    return 0
 
 
 if __name__ == "__main__":
