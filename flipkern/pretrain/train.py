@@ -309,13 +309,12 @@ def _apply_gradients(run, finite):
     return grad_norm
 
 
-def train_step(run, micro_batches, step):
-    """One optimizer step on ``micro_batches`` (--accum-steps loader batches): forward,
-    contrastive loss and backward of each (gradients averaged; DDP syncs them on the
-    last), then the optimizer step. The negatives of each loss are its own micro-batch
-    (over all processes)."""
+def _accumulate_gradients(run, micro_batches, step):
+    """Forward, contrastive loss and backward of each micro-batch, gradients averaged
+    (DDP syncs them on the last); the negatives of each loss are its own micro-batch,
+    over all processes. Returns (mean loss, all finite, last micro-batch's output and
+    ids_keep)."""
     args, di = run.args, run.di
-    lr = run.sched.get_last_lr()[0]
     accum = len(micro_batches)
     loss_sum, finite = 0.0, True
     for micro, batch in enumerate(micro_batches):
@@ -331,8 +330,16 @@ def train_step(run, micro_batches, step):
             finite = _check_finite(run, value, step) and finite
             run.scaler.scale(loss / accum).backward()
         loss_sum += value / accum
+    return loss_sum, finite, out, ids_keep
+
+
+def train_step(run, micro_batches, step):
+    """One optimizer step on ``micro_batches`` (--accum-steps loader batches): the
+    gradients of their losses, then the optimizer and schedule step."""
+    lr = run.sched.get_last_lr()[0]
+    loss, finite, out, ids_keep = _accumulate_gradients(run, micro_batches, step)
     grad_norm = _apply_gradients(run, finite)
-    return StepResult(loss=loss_sum, lr=lr, grad_norm=grad_norm, logit_scale=out["logit_scale"].detach(),
+    return StepResult(loss=loss, lr=lr, grad_norm=grad_norm, logit_scale=out["logit_scale"].detach(),
                       masked=ids_keep is not None, nonfinite=not finite)
 
 
