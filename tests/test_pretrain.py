@@ -3,6 +3,7 @@ resume == uninterrupted, 2 processes == 1 process, error exits, the NaN guard,
 SIGTERM checkpointing, output files, precisions and masking schedules."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import time
 import pytest
 import torch
 
+from flipkern.pretrain import build, progress, train
 from flipkern.pretrain import checkpoint as ckpt
-from flipkern.pretrain.cli import main
+from flipkern.pretrain.cli import build_parser, main, parse_args
+from flipkern.pretrain.errors import CLIError
 from flipkern.pretrain.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +65,7 @@ def test_outputs_and_summary(tmp_path, capsys):
     assert "steps=3" in line and "img/s=" in line and "zero-shot top-1=" in line and "backends" in line
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["args"]["steps"] == 3 and cfg["num_patches"] == 16 and cfg["num_keep"] == 8
+    assert cfg["args"]["precision"] == "fp32"  # the CPU default
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 3]  # keep-last-2
     assert len(_train_records(out)) == 3
     ev = _eval_records(out)
@@ -256,3 +260,120 @@ def test_trains_on_csv_with_bad_rows(tmp_path, capsys):
     assert summary["skipped_samples"] >= 2 + 2  # the index-time skips of train and val (+ corrupt decodes)
     assert "i2t_r@1" in summary["eval"] and "zeroshot_top1" not in summary["eval"]
     assert "skipped samples=" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the loop's steps, one at a time
+
+def _built(out, *extra):
+    """A Run of the micro configuration, as run() builds it (one CPU process)."""
+    args = parse_args(MICRO + ["--output-dir", out, *extra])
+    train.resolve_defaults(args)
+    args.precision = build.resolve_precision(args.precision, torch.device("cpu"))
+    return train.build(args, build.DistInfo())
+
+
+def _first_step(run):
+    """train_step on the run's first batches; the restored state and the result."""
+    state = train.restore(run)
+    train.write_config(run)
+    it = iter(train.make_loader(run, state.step))
+    result = train.train_step(run, [next(it) for _ in range(run.args.accum_steps)], state.step)
+    state.step += 1
+    return state, result
+
+
+def test_train_step_alone_is_the_first_step_of_a_run(tmp_path):
+    whole, alone = str(tmp_path / "whole"), str(tmp_path / "alone")
+    assert main(MICRO + ["--steps", "3", "--accum-steps", "2", "--no-eval", "--output-dir", whole]) == 0
+    run = _built(alone, "--steps", "3", "--accum-steps", "2")
+    before = [p.detach().clone() for p in run.model.parameters()]
+    state, result = _first_step(run)
+    first = _train_records(whole)[0]
+    assert (result.loss, result.lr, result.grad_norm, result.masked) == (
+        first["loss"], first["lr"], first["grad_norm"], first["masked"])  # bit-exact
+    assert not result.nonfinite and state.step == 1
+    assert all(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
+    assert run.sched.get_last_lr()[0] > result.lr  # warmup advanced
+
+
+def test_save_checkpoint_then_restore_alone(tmp_path):
+    out = str(tmp_path / "run")
+    run = _built(out, "--steps", "3")
+    state, _ = _first_step(run)
+    run.metrics.write(dict(type="train", step=2, loss=0.0))  # a record of a step a resume redoes
+    path = train.save_checkpoint(run, state)
+    assert path == ckpt.latest_checkpoint(out) and ckpt.load(path)["step"] == 1
+    again = _built(out, "--steps", "3")
+    restored = train.restore(again)
+    assert (restored.start_step, restored.step) == (1, 1)
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert again.sched.get_last_lr() == run.sched.get_last_lr()
+    assert read_metrics(run.metrics.path) == []  # step 2's record dropped
+    with pytest.raises(CLIError, match="--accum-steps"):
+        train.restore(_built(out, "--steps", "3", "--accum-steps", "2"))
+
+
+def test_evaluate_now_and_summarize_alone(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run = _built(out, "--steps", "3")
+    res = train.evaluate_now(run, 0)
+    assert 0 <= res["zeroshot_top1"] <= 1 and res["eval_samples"] == 16
+    assert _eval_records(out) == [dict(type="eval", step=0, **res)]
+    state = train.LoopState(step=3, train_time=2.0, samples_seen=24)
+    summary = train.summarize(run, state, res)
+    assert summary["img_per_s"] == 12.0 and summary["trained_steps"] == 3 and summary["eval"] == res
+    assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 3
+    assert "steps=3" in capsys.readouterr().out
+    assert train.evaluate_now(_built(out, "--steps", "3", "--no-eval"), 0) is None
+
+
+def test_mask_schedule():
+    schedule = train.MaskSchedule(num_keep=8, accum_steps=2, unmasked_from=3)  # data steps = 2 x optimizer steps
+    assert [schedule(s) for s in range(8)] == [8] * 6 + [None] * 2
+
+
+# ----------------------------------------------------------------------------- progress, help, precision
+
+_PROGRESS_LINE = re.compile(r"^flipkern-pretrain: step (\d+)/5 \(\d+%\) loss \d+\.\d{4} lr \d\.\d{3}e[-+]\d\d "
+                            r"img/s \d+\.\d eta \d+:\d\d:\d\d$")
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    argv = [a for a in MICRO if a != "--no-progress"]
+    i = argv.index("--log-every")
+    argv[i + 1] = "2"
+    assert main(argv + ["--steps", "5", "--no-eval", "--output-dir", str(tmp_path / "a")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("flipkern-pretrain: step")]
+    assert [int(_PROGRESS_LINE.match(ln).group(1)) for ln in lines] == [1, 2, 4, 5], lines
+    assert lines[-1].endswith("eta 0:00:00")
+    assert main(argv + ["--steps", "2", "--no-eval", "--no-progress", "--output-dir", str(tmp_path / "b")]) == 0
+    assert "flipkern-pretrain: step" not in capsys.readouterr().err
+
+
+def test_progress_mode():
+    assert progress.progress_mode(True, True, stderr_is_tty=True) == "bar"
+    assert progress.progress_mode(True, True, stderr_is_tty=False) == "lines"
+    assert progress.progress_mode(False, True, stderr_is_tty=False) is None  # --no-progress
+    assert progress.progress_mode(True, False, stderr_is_tty=False) is None  # not rank 0
+
+
+def test_model_override_help_example_parses():
+    action = next(a for a in build_parser()._actions if a.dest == "model_override")
+    example = re.search(r"--model-override (\S+)", action.help).group(1)
+    args = parse_args(["--model-override", example])
+    key, value = example.split("=")
+    assert getattr(build.model_config(args).vision, key.split(".")[1]) == int(value)
+    with pytest.raises(CLIError, match="--model-override vision_width"):  # the old example's form
+        build.model_config(parse_args(["--model-override", "vision_width=128"]))
+
+
+def test_default_precision_is_bf16_on_cuda_fp32_on_cpu():
+    assert parse_args([]).precision is None
+    assert build.resolve_precision(None, torch.device("cpu")) == "fp32"
+    assert build.resolve_precision(None, torch.device("cuda", 0)) == "bf16"
+    for explicit in ("fp32", "bf16", "fp16"):
+        for device in (torch.device("cpu"), torch.device("cuda", 0)):
+            assert build.resolve_precision(explicit, device) == explicit
+    action = next(a for a in build_parser()._actions if a.dest == "precision")
+    assert "bf16 on a CUDA device" in action.help and "fp32 on CPU" in action.help
