@@ -403,7 +403,7 @@ class _Sigterm:
 
     def requested(self, di):
         """Whether any process got SIGTERM (all stop at the same step)."""
-        flag = torch.tensor([1.0 if self.flag else 0.0])
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=di.device)  # nccl reduces device tensors only
         if di.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
@@ -488,7 +488,7 @@ def summarize(run, state, final_eval):
     di, out_dir = run.di, run.out_dir
     bad_samples = state.bad_samples
     if di.distributed:
-        t = torch.tensor([float(bad_samples)])
+        t = torch.tensor([float(bad_samples)], device=di.device)
         dist.all_reduce(t)
         bad_samples = int(t.item())
     if di.main and run.args.plot:
