@@ -19,8 +19,7 @@ Only attention differs between the two layouts, so it is the one argument
   rows as they are, and attention is flipkern.varlen_attention; nothing is
   spent on padding anywhere in the block.
 """
-import dataclasses
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch.nn.functional as F
 
@@ -31,8 +30,7 @@ def _identity(x):
     return x
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockParts:
+class BlockParts(NamedTuple):
     """What the block forward needs of a block. Every field is a callable on [..., D]
     tokens except num_heads and scale (None: 1/sqrt(head_dim)).
 
