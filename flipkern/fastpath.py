@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from . import backends
 from .attention import pack
+from .blocks import dense_block_forward, packed_blocks_forward
 from .losses import clip_loss, siglip_loss
 from .masking import gather_patches
-from .packed import packed_blocks_forward
 from .reference import clip as refclip
 from .reference import masking as ref_masking
 from .reference.text import eot_positions
@@ -42,26 +42,6 @@ def backends_used():
 
 
 # ----------------------------------------------------------------------------- vision tower
-
-def dense_attention(qkv, num_heads, scale=None, causal=False):
-    """Self-attention of [B, N, 3*D] fused QKV projections laid out (3, H, Dh) -> [B, N, D].
-
-    Every token is valid (all samples share N), so this is one fused
-    scaled-dot-product-attention call with no mask: SDPA picks its best kernel
-    (flash attention on CPU and CUDA).
-    """
-    B, N, D3 = qkv.shape
-    q, k, v = qkv.view(B, N, 3, num_heads, D3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, D3 // 3)
-
-
-def dense_block_forward(block, x, causal=False):
-    """A reference ``Block`` on [B, N, D] tokens (all of them valid): ``block(x, causal=causal)``."""
-    attn = block.attn
-    x = x + attn.out_proj(dense_attention(attn.qkv(block.ln_1(x)), attn.num_heads, attn.scale, causal))
-    return x + block.mlp(block.ln_2(x))
-
 
 def patch_embed(images, ids_keep, weight, bias, pos_embed):
     """A stride-p Conv2d patch embedding (weight [width, C, p, p], bias [width] or None)
@@ -189,4 +169,4 @@ def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
 
 
 __all__ = ["clip_forward", "contrastive_loss", "backends_used", "encode_image", "encode_text",
-           "patch_embed", "dense_attention", "dense_block_forward"]
+           "patch_embed"]

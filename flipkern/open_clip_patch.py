@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import fastpath
-from .attention import pack, varlen_attention
+from .attention import pack
+from .blocks import BlockParts, dense_block_forward, packed_block_forward, register_block_adapter
 from .losses import clip_loss, siglip_loss
 
 
@@ -41,8 +42,19 @@ def _uncovered_blocks(transformer):
     for b in transformer.resblocks:
         if type(b) is not ResidualAttentionBlock or hasattr(b, "ln_1_kv"):
             return f"block type {type(b).__name__} is not a plain ResidualAttentionBlock"
-        if not b.attn._qkv_same_embed_dim or b.attn.in_proj_bias is None or b.attn.bias_k is not None:
-            return "the attention is not a plain self-attention with one fused in_proj"
+        why = _uncovered_attention(b.attn)
+        if why:
+            return why
+    return None
+
+
+def _uncovered_attention(attn):
+    """Why an nn.MultiheadAttention is not the plain self-attention the block forward
+    computes, or None when it is."""
+    if not attn._qkv_same_embed_dim or attn.in_proj_bias is None or attn.bias_k is not None or attn.add_zero_attn:
+        return "the attention is not a plain self-attention with one fused in_proj"
+    if attn.dropout:  # the fused attention applies none: dropping it would change training silently
+        return f"attention dropout ({attn.dropout}) is not covered"
     return None
 
 
@@ -55,26 +67,19 @@ def _install(obj, name, fn, transformer):
     return "flipkern"
 
 
-def _mlp_residual(block, x):
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-def _dense_block(block, x):
-    """An open_clip ResidualAttentionBlock on [B, N, D] (no mask) with fused attention."""
+def _block_parts(block):
+    """open_clip's ResidualAttentionBlock: nn.MultiheadAttention's fused in_proj rows are
+    (q, k, v) x (H, Dh), the layout BlockParts.qkv needs; its scale is 1/sqrt(Dh)."""
     a = block.attn
-    qkv = F.linear(block.ln_1(x), a.in_proj_weight, a.in_proj_bias)  # rows (q, k, v) x (H, Dh)
-    x = x + block.ls_1(a.out_proj(fastpath.dense_attention(qkv, a.num_heads)))
-    return _mlp_residual(block, x)
+    why = _uncovered_attention(a)
+    if why:
+        raise ValueError(f"flipkern: an open_clip ResidualAttentionBlock the block forward does not cover: {why}")
+    return BlockParts(ln_1=block.ln_1, qkv=lambda x: F.linear(x, a.in_proj_weight, a.in_proj_bias),
+                      num_heads=a.num_heads, scale=None, out_proj=a.out_proj, ln_2=block.ln_2, mlp=block.mlp,
+                      ls_1=block.ls_1, ls_2=block.ls_2)
 
 
-def _packed_block(block, x, cu_seqlens, max_seqlen, causal):
-    """An open_clip ResidualAttentionBlock on packed tokens [total, D] with varlen attention."""
-    a = block.attn
-    total, D = x.shape
-    q, k, v = F.linear(block.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(total, 3, a.num_heads, -1).unbind(1)
-    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal)
-    x = x + block.ls_1(a.out_proj(out.reshape(total, D)))
-    return _mlp_residual(block, x)
+register_block_adapter("open_clip.transformer.ResidualAttentionBlock", _block_parts)
 
 
 def _run_blocks(transformer, block_fn, x, *args):
@@ -111,7 +116,7 @@ def _visual_forward(visual, x):
     cls = (visual.class_embedding.to(x.dtype) + pos[0]).to(tokens.dtype).expand(B, 1, -1)
     x = visual.ln_pre(torch.cat([cls, tokens], dim=1))
     fastpath._composed["open_clip.visual"] = "gather_patches + GEMM, sdpa over the kept tokens"
-    x = _run_blocks(visual.transformer, _dense_block, x)
+    x = _run_blocks(visual.transformer, dense_block_forward, x)
     pooled, tokens = visual._pool(x)
     if visual.proj is not None:
         pooled = pooled @ visual.proj
@@ -148,7 +153,7 @@ def _encode_text(model, text, normalize=False):
     positions, _ = pack(torch.arange(L, device=text.device).expand(B, L), lengths)
     x = model.token_embedding(packed_tokens).to(cast_dtype) + F.embedding(positions, model.positional_embedding).to(cast_dtype)
     fastpath._composed["open_clip.text"] = "packed, varlen causal attention"
-    x = _run_blocks(model.transformer, _packed_block, x, cu, int(lengths.max()) if B else 0, True)
+    x = _run_blocks(model.transformer, packed_block_forward, x, cu, int(lengths.max()) if B else 0, True)
     x = model.ln_final(x[cu[1:].long() - 1])
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection

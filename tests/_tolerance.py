@@ -1,4 +1,4 @@
-"""The tolerance discipline of DESIGN.md, in one place.
+"""The tolerance rule of docs/DESIGN.md (section 4, "Correctness: the tolerance rule"), in one place.
 
 A kernel run in a low precision passes when its error against the float64
 reference is at most ``factor`` times the error that the reference itself

@@ -452,7 +452,7 @@ def _block(dim=32, heads=2):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_block_equals_reference_block(backend, causal):
-    from flipkern.packed import packed_block_forward
+    from flipkern.blocks import packed_block_forward
     block = _block()
     B, N = 4, 12
     lengths = torch.tensor([12, 3, 5, 1])  # no empty sample: the padded reference gives it NaNs

@@ -230,7 +230,7 @@ def test_text_tower_spends_nothing_on_padding(monkeypatch):
         seen.append((q.shape[0], cu_seqlens.clone(), kw.get("causal")))
         return real(q, k, v, cu_seqlens, max_seqlen, **kw)
 
-    monkeypatch.setattr("flipkern.packed.varlen_attention", spy)
+    monkeypatch.setattr("flipkern.blocks.varlen_attention", spy)
     fastpath.clip_forward(model, images, tokens, None, fast=True)
     expected = eot_positions(tokens, EOT) + 1
     assert len(seen) == cfg.text.depth

@@ -127,6 +127,15 @@ def test_uncovered_parts_are_left_alone_and_reported():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_attention_dropout_is_left_alone_and_reported():
+    # the fused attention applies no dropout: patching would silently train another model
+    model = tiny_model()
+    model.transformer.resblocks[1].attn.dropout = 0.1
+    _, report = patched_copy(model)
+    assert report["text"] == "attention dropout (0.1) is not covered"
+    assert report["visual"] == "flipkern"
+
+
 def test_open_clip_vit_b_32_from_its_config():
     """The stock ViT-B-32 config (random init, no weights), patch dropout 0.5, float32."""
     model = open_clip.create_model("ViT-B-32", pretrained=None, force_patch_dropout=0.5).train()
