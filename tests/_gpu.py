@@ -7,6 +7,7 @@ with the reason, where no CUDA device (or not the backend) is there; benchmarks/
 runs them all on a GPU machine.
 """
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -17,8 +18,6 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (benchmarks/run_gpu.sh runs these)")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
                                     reason="needs two CUDA devices (tensors on a non-current device)")
-
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def _why_not(name):
@@ -45,6 +44,37 @@ def on_cuda(index=None):
     device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
     with torch.device(device):
         yield device
+
+
+def cpu_cases(test, **fixed):
+    """Every keyword-argument set that a CPU test's own @pytest.mark.parametrize marks
+    produce, with ``fixed`` (e.g. backend="cuda") in place of those arguments."""
+    axes = []
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names, values = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if set(names) <= set(fixed):
+            continue
+        values = [v.values if hasattr(v, "values") else v for v in values]  # pytest.param(...)
+        axes.append([dict(zip(names, v if len(names) > 1 else (v,))) for v in values])
+    for combo in itertools.product(*axes):
+        kwargs = dict(fixed)
+        for part in combo:
+            kwargs.update(part)
+        yield kwargs
+
+
+def run_cpu_tests_on_cuda(tests, **fixed):
+    """Each CPU test function, every parametrization, on the current CUDA device."""
+    with on_cuda():
+        for test in tests:
+            for kwargs in cpu_cases(test, **fixed):
+                try:
+                    test(**kwargs)
+                except Exception as e:
+                    raise AssertionError(f"{test.__module__}.{test.__name__}({kwargs}) on CUDA: {e}") from e
 
 
 def bitwise_equal(a, b, name="gradient"):

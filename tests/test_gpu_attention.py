@@ -6,7 +6,7 @@ covers bf16/fp16/fp32 at Dh 32-256.) Skipped without CUDA; benchmarks/run_gpu.sh
 import pytest
 import torch
 import test_attention_ops as cpu
-from _gpu import bitwise_equal, gpu_backends, grads_of, needs_cuda, needs_two_gpus, on_cuda
+from _gpu import bitwise_equal, gpu_backends, grads_of, needs_cuda, needs_two_gpus, on_cuda, run_cpu_tests_on_cuda
 
 import flipkern as fk
 from flipkern.reference import attention as ref
@@ -36,20 +36,22 @@ def test_strided_qkv(backend, dtype):
     cpu._check_against_reference(backend, LENGTHS, 4, 64, dtype, True, scale=0.37, layout="qkv", device="cuda")
 
 
+# Every parametrization of these runs with the GPU backend and CUDA tensors. (Left out:
+# random_lengths draws from a CPU generator; the CPU-only block split; autocast on "cpu".)
+CPU_TESTS = [cpu.test_varlen_attention_matches_reference, cpu.test_varlen_attention_head_dims,
+             cpu.test_varlen_attention_strided_qkv_and_scale, cpu.test_varlen_attention_saves_no_score_matrix,
+             cpu.test_varlen_attention_empty, cpu.test_varlen_attention_max_seqlen_may_exceed_lengths,
+             cpu.test_varlen_attention_strided_cu_seqlens, cpu.test_varlen_attention_gradcheck,
+             cpu.test_varlen_attention_opcheck, cpu.test_varlen_attention_compiles_fullgraph,
+             cpu.test_varlen_attention_bad_input, cpu.test_varlen_attention_backward_op_bad_input,
+             cpu.test_varlen_attention_in_inference_mode, cpu.test_varlen_equals_padded_attention_with_mask,
+             cpu.test_packed_block_equals_reference_block]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cpu_edge_cases_on_cuda(backend):
-    with on_cuda():
-        for lengths in ([], [0], [0, 0, 0]):
-            cpu.test_varlen_attention_empty(backend, lengths)
-        cpu.test_varlen_attention_max_seqlen_may_exceed_lengths(backend)
-        cpu.test_varlen_attention_strided_cu_seqlens(backend)
-        cpu.test_varlen_attention_in_inference_mode(backend)
-        cpu.test_varlen_attention_bad_input(backend)
-        cpu.test_varlen_attention_backward_op_bad_input(backend)
-        for causal in (False, True):
-            cpu.test_varlen_attention_gradcheck(backend, causal)
-            cpu.test_varlen_equals_padded_attention_with_mask(backend, causal)
-            cpu.test_packed_block_equals_reference_block(backend, causal)
+@pytest.mark.parametrize("test", CPU_TESTS, ids=lambda t: t.__name__.removeprefix("test_"))
+def test_cpu_tests_on_cuda(backend, test):
+    run_cpu_tests_on_cuda([test], backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

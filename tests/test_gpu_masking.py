@@ -9,7 +9,7 @@ import test_masking_indices as indices
 import test_masking_ops as drop
 import test_masking_patches as patches
 import test_masking_restore as restore
-from _gpu import DTYPES, bitwise_equal, gpu_backends, grads_of, needs_cuda, needs_two_gpus, on_cuda
+from _gpu import bitwise_equal, gpu_backends, grads_of, needs_cuda, needs_two_gpus, on_cuda, run_cpu_tests_on_cuda
 
 import flipkern as fk
 from flipkern.reference import masking as ref
@@ -20,112 +20,63 @@ BACKENDS = gpu_backends(fk.masking.ALL_BACKENDS)
 
 # ----------------------------------------------------------------------------- the CPU tests, on CUDA
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_drop_tokens(backend, dtype):
-    with on_cuda():
-        for with_pos in (True, False):
-            drop.test_drop_tokens_matches_reference(backend, dtype, with_pos)
-        # exact position add, subnormals included (no fast-math flush to zero on CUDA)
-        drop.test_drop_tokens_position_add_special_values(backend, dtype)
-        if dtype != torch.float64:
-            drop.test_drop_tokens_backward_low_precision(backend, dtype)
+# Every parametrization of these (dtypes, layouts, shapes, duplicates, float64 gradients,
+# gradcheck, opcheck, torch.compile, bad input) runs with the GPU backend and CUDA tensors.
+CPU_TESTS = {
+    "drop_tokens": [drop.test_drop_tokens_matches_reference,
+                    drop.test_drop_tokens_position_add_special_values,  # exact, subnormals too: no fast math
+                    drop.test_drop_tokens_shapes_and_strides, drop.test_drop_tokens_backward_matches_reference,
+                    drop.test_drop_tokens_backward_low_precision, drop.test_drop_tokens_gradcheck,
+                    drop.test_drop_tokens_opcheck, drop.test_drop_tokens_compiles_fullgraph,
+                    drop.test_drop_tokens_bad_input],
+    "gather_patches": [patches.test_gather_patches_matches_reference, patches.test_gather_patches_shapes_and_strides,
+                       patches.test_gather_patches_then_linear_equals_conv_then_drop,
+                       patches.test_gather_patches_backward_matches_reference,
+                       patches.test_gather_patches_backward_low_precision, patches.test_gather_patches_gradcheck,
+                       patches.test_gather_patches_opcheck, patches.test_gather_patches_bad_input],
+    "restore_tokens": [restore.test_restore_tokens_matches_reference, restore.test_restore_tokens_shapes_and_strides,
+                       restore.test_restore_tokens_backward_matches_reference,
+                       restore.test_restore_tokens_fill_grad_low_precision, restore.test_restore_tokens_gradcheck,
+                       restore.test_restore_tokens_opcheck, restore.test_restore_tokens_bad_input],
+    "keep_indices": [indices.test_random_keep_matches_reference, indices.test_random_keep_valid_and_reproducible,
+                     indices.test_topk_keep_matches_reference, indices.test_topk_keep_with_ties_keeps_a_valid_top_k],
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_drop_tokens_layouts_float64_backward_and_gradcheck(backend):
-    with on_cuda():
-        for layout in ("transposed", "sliced"):
-            for shape in ((2, 9, 8, 9), (2, 9, 8, 1), (0, 9, 8, 3), (2, 9, 8, 0)):
-                drop.test_drop_tokens_shapes_and_strides(backend, layout, shape)
-        for duplicates in (False, True):  # float64 gradients stay float64 (rtol 1e-12)
-            drop.test_drop_tokens_backward_matches_reference(backend, duplicates)
-        drop.test_drop_tokens_gradcheck(backend)
-        drop.test_drop_tokens_bad_input(backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gather_patches(backend, dtype):
-    with on_cuda():
-        patches.test_gather_patches_matches_reference(backend, dtype)
-        if dtype in (torch.bfloat16, torch.float16):
-            patches.test_gather_patches_backward_low_precision(backend, dtype)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gather_patches_layouts_float64_backward_and_gradcheck(backend):
-    with on_cuda():
-        for layout in ("channels_last", "sliced"):
-            for shape in ((2, 6, 6), (2, 6, 1), (0, 6, 2), (2, 6, 0), (2, 6, 9)):
-                patches.test_gather_patches_shapes_and_strides(backend, layout, shape)
-        for duplicates in (False, True):
-            patches.test_gather_patches_backward_matches_reference(backend, duplicates)
-        patches.test_gather_patches_then_linear_equals_conv_then_drop(backend)
-        patches.test_gather_patches_gradcheck(backend)
-        patches.test_gather_patches_bad_input(backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_restore_tokens(backend, dtype):
-    with on_cuda():
-        for fill_kind in ("tensor", "scalar", "number"):
-            restore.test_restore_tokens_matches_reference(backend, dtype, fill_kind)
-        if dtype != torch.float64:
-            restore.test_restore_tokens_fill_grad_low_precision(backend, dtype)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_restore_tokens_layouts_backward_and_gradcheck(backend):
-    with on_cuda():
-        for shape in ((2, 7, 7), (2, 7, 1), (0, 7, 3), (2, 7, 0)):
-            restore.test_restore_tokens_shapes_and_strides(backend, shape)
-        for fill_kind in ("tensor", "scalar"):
-            restore.test_restore_tokens_backward_matches_reference(backend, fill_kind)
-        restore.test_restore_tokens_gradcheck(backend)
-        restore.test_restore_tokens_bad_input(backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_keep_indices(backend, monkeypatch):
+@pytest.mark.parametrize("op", list(CPU_TESTS))
+def test_cpu_tests_on_cuda(backend, op, monkeypatch):
     # random_keep_indices draws on the device of its generator: a CUDA generator here
     monkeypatch.setattr(indices, "_gen", lambda seed: torch.Generator("cuda").manual_seed(seed))
-    with on_cuda():
-        for sorted_ in (True, False):
-            for B, N, K in ((5, 16, 4), (3, 196, 49), (4, 7, 7), (0, 7, 3), (3, 7, 0)):
-                indices.test_random_keep_matches_reference(backend, sorted_, B, N, K)
-            for dtype in DTYPES:
-                indices.test_topk_keep_matches_reference(backend, dtype, sorted_)
-        indices.test_random_keep_valid_and_reproducible(backend)
-        indices.test_topk_keep_with_ties_keeps_a_valid_top_k(backend)
+    run_cpu_tests_on_cuda(CPU_TESTS[op], backend=backend)
 
 
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_more_rows_than_one_grid(backend):
-    # 70,000 kept rows and 2^17+ (b, e) pairs: past the CUDA kernels' 65,535-block grid,
-    # so their grid-stride loops and Triton's program ids past 2^16 are exercised.
+def test_more_work_than_one_grid(backend):
+    # Forward rows and backward (b, d) / (b, e) threads past the CUDA kernels' grid of
+    # 65,535 blocks (x 256 threads for the backward): their grid-stride loops run, and
+    # Triton's program ids go past 2^16. Float64: exact, and the d(pos_embed) sums too.
     with on_cuda():
-        x, pos = torch.randn(700, 120, 8), torch.randn(120, 8)
-        ids = torch.rand(700, 120).argsort(dim=1)[:, :100]
-        g = torch.randn(700, 100, 8)
+        x, pos = torch.randn(70000, 4, 256, dtype=torch.float64), torch.randn(4, 256, dtype=torch.float64)
+        ids = torch.rand(70000, 4).argsort(dim=1)[:, :2]  # 140,000 rows; 17.9M (b, d) in the backward
+        g = torch.randn(70000, 2, 256, dtype=torch.float64)
         with fk.use_backend(backend):
             got = grads_of(lambda a, p: fk.drop_tokens(a, ids, p), (x, pos), g)
         want = grads_of(lambda a, p: ref.drop_tokens(a, ids, p), (x, pos), g)
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # dx: one add per element
-        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)  # dpos: sums of 700
-
-        images = torch.randn(600, 3, 32, 32)
-        pids = torch.rand(600, 64).argsort(dim=1)[:, :16]
-        gp = torch.randn(600, 16, 3 * 16)
-        with fk.use_backend(backend):
-            got = grads_of(lambda a: fk.gather_patches(a, pids, 4), (images,), gp)
-        want = grads_of(lambda a: ref.gather_patches(a, pids, 4), (images,), gp)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        del x, g, got, want
+
+        images = torch.randn(22000, 3, 32, 32)  # 88,000 kept patches; 16.9M (b, e) in the backward
+        pids = torch.rand(22000, 4).argsort(dim=1)
+        gp = torch.randn(22000, 4, 3 * 16 * 16)
+        with fk.use_backend(backend):
+            got = grads_of(lambda a: fk.gather_patches(a, pids, 16), (images,), gp)
+        want = grads_of(lambda a: ref.gather_patches(a, pids, 16), (images,), gp)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # copies, each patch kept once
 
 
 def _masking_step(backend, dtype):
