@@ -237,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
   check_qkv(q_in, k_in, v_in, kFwd);
   check_cuda_shape(q_in, kFwd);
   const int64_t total = q_in.size(0), H = q_in.size(1), Dh = q_in.size(2);
-  const auto off = check_cu_seqlens(cu_seqlens, total, max_seqlen, q_in, kFwd);
-  const int64_t B = static_cast<int64_t>(off.size()) - 1;
+  check_cu_seqlens_once(cu_seqlens, total, max_seqlen, q_in, kFwd);  // no host copy after the first call
+  const int64_t B = cu_seqlens.size(0) - 1;
   c10::cuda::CUDAGuard guard(q_in.device());
   auto out = at::empty({total, H, Dh}, q_in.options());
   auto lse = at::empty({H, total}, q_in.options().dtype(lse_type(q_in.scalar_type())));
@@ -266,8 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   check_cuda_shape(q_in, kBwd);
   check_bwd_extras(grad_out, q_in, out_in, lse_in, kBwd);
   const int64_t total = q_in.size(0), H = q_in.size(1), Dh = q_in.size(2);
-  const auto off = check_cu_seqlens(cu_seqlens, total, max_seqlen, q_in, kBwd);
-  const int64_t B = static_cast<int64_t>(off.size()) - 1;
+  check_cu_seqlens_once(cu_seqlens, total, max_seqlen, q_in, kBwd);  // no host copy after the first call
+  const int64_t B = cu_seqlens.size(0) - 1;
   c10::cuda::CUDAGuard guard(q_in.device());
   // Every row belongs to exactly one sequence (cu_seqlens checked), so every row is written.
   auto dq = at::empty({total, H, Dh}, q_in.options());

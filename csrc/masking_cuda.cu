@@ -45,6 +45,7 @@ __global__ void drop_tokens_backward_kernel(const scalar_t* __restrict__ grad,
                                             const int64_t* __restrict__ ids, scalar_t* __restrict__ dx,
                                             int64_t B, int64_t K, int64_t N, int64_t D, Strides3 sg,
                                             int64_t sib, int64_t sik) {
+  using opmath_t = at::opmath_type<scalar_t>;  // float for half/bf16, double stays double
   const int64_t total = B * D;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
@@ -53,7 +54,7 @@ __global__ void drop_tokens_backward_kernel(const scalar_t* __restrict__ grad,
       const int64_t n = ids[b * sib + k * sik];
       if (!index_in_range(n, N)) continue;
       scalar_t* dst = dx + (b * N + n) * D + d;
-      *dst = static_cast<scalar_t>(static_cast<float>(*dst) + static_cast<float>(grad[offset3(sg, b, k, d)]));
+      *dst = static_cast<scalar_t>(static_cast<opmath_t>(*dst) + static_cast<opmath_t>(grad[offset3(sg, b, k, d)]));
     }
   }
 }

@@ -99,7 +99,9 @@ def _encode_image_varlen(visual, x, keep_lengths):
     lengths = keep_lengths.to(device=x.device, dtype=torch.int64) + int(has_cls)
     packed, cu = pack(x, lengths)
     _composed["vision_attention"] = "varlen (K per sample)"
-    packed = packed_blocks_forward(visual.blocks, packed, cu, int(lengths.max()), causal=False)
+    # max_seqlen only bounds the lengths (it sizes the kernel grid): the host knows K + cls
+    # without reading lengths back from the device
+    packed = packed_blocks_forward(visual.blocks, packed, cu, x.shape[1], causal=False)
     if has_cls:
         pooled = visual.ln_post(packed[cu[:-1].long()])
     else:
@@ -130,7 +132,9 @@ def encode_text(text, tokens):
     positions, _ = pack(torch.arange(L, device=tokens.device).expand(B, L), lengths)
     x = text.token_embedding(packed_tokens) + F.embedding(positions, text.pos_embed)
     _composed["text_attention"] = "varlen causal (packed, no padding)"
-    x = packed_blocks_forward(text.blocks, x, cu, int(lengths.max()) if B else 0, causal=True)
+    # max_seqlen: the token width L bounds every caption's length and is known on the host
+    # since tokenization; int(lengths.max()) would sync with the device every step
+    x = packed_blocks_forward(text.blocks, x, cu, L, causal=True)
     last = x[cu[1:].long() - 1]  # each caption's eot token; ln_final is per token, so only these need it
     return text.proj(text.ln_final(last))
 

@@ -153,7 +153,8 @@ def _encode_text(model, text, normalize=False):
     positions, _ = pack(torch.arange(L, device=text.device).expand(B, L), lengths)
     x = model.token_embedding(packed_tokens).to(cast_dtype) + F.embedding(positions, model.positional_embedding).to(cast_dtype)
     fastpath._composed["open_clip.text"] = "packed, varlen causal attention"
-    x = _run_blocks(model.transformer, packed_block_forward, x, cu, int(lengths.max()) if B else 0, True)
+    # max_seqlen: L bounds every length and needs no device sync (as fastpath.encode_text)
+    x = _run_blocks(model.transformer, packed_block_forward, x, cu, L, True)
     x = model.ln_final(x[cu[1:].long() - 1])
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection

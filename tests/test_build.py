@@ -46,6 +46,44 @@ def test_cuda_kernels_compiled_and_linked():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("flipkern::drop_tokens", "CUDA")
 
 
+def _cuobjdump():
+    """cuobjdump of the CUDA toolkit, else the copy that Triton ships."""
+    found = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+        found.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((f for f in found if os.path.exists(f)), None)
+
+
+@pytest.mark.skipif(os.environ.get("FLIPKERN_CUDA") != "1", reason="FLIPKERN_CUDA=1 not set")
+def test_cuda_kernels_keep_their_state_in_registers():
+    # Every CUDA C++ kernel, for each architecture built (sm_80 and sm_90 with no GPU to
+    # ask), uses no local memory: no register spills and no stack arrays. Growing the
+    # attention kernels' per-lane arrays (kMaxPerLane) or the opmath type then fails here,
+    # on a CPU, not as a slow kernel on the first GPU.
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton) to read the kernels' resource usage")
+    library = fk.info()["extension"].split()[-1]  # "prebuilt PATH" / "compiled on first use: PATH"
+    dump = subprocess.run([tool, "--dump-resource-usage", library], capture_output=True, text=True, timeout=300)
+    assert dump.returncode == 0, dump.stderr
+    arch, name, usage = None, None, []  # (arch, kernel, stack bytes, local bytes)
+    for line in (ln.strip() for ln in dump.stdout.splitlines()):
+        if line.startswith("arch = "):
+            arch = line.split("=")[1].strip()
+        elif line.startswith("Function "):
+            name = line[len("Function "):].rstrip(":")
+        elif line.startswith("REG:"):
+            fields = dict(f.split(":") for f in line.split())
+            usage.append((arch, name, int(fields["STACK"]), int(fields["LOCAL"])))
+    assert torch.cuda.is_available() or {"sm_80", "sm_90"} <= {u[0] for u in usage}, usage[:3]
+    assert len(usage) >= 40, f"only {len(usage)} kernels in {library}"
+    spilled = [u for u in usage if u[2] or u[3]]
+    assert not spilled, f"kernels using local memory (arch, kernel, stack bytes, local bytes): {spilled}"
+
+
 def test_import_without_extension_falls_back_with_one_warning():
     code = (
         "import warnings, torch\n"

@@ -107,8 +107,14 @@ def test_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(v, sb["model"][k]), k
 
 
-def test_two_processes_match_one(tmp_path):
-    common = MICRO + ["--steps", "4", "--checkpoint-every", "0", "--no-eval", "--mask-ratio", "0.5"]
+@pytest.mark.parametrize("device", [
+    "cpu",  # gloo: any machine holds two CPU ranks
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: two ranks need two GPUs")),
+])
+def test_two_processes_match_one(tmp_path, device):
+    common = MICRO + ["--steps", "4", "--checkpoint-every", "0", "--no-eval", "--mask-ratio", "0.5",
+                      "--device", device]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(common + ["--output-dir", one]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -124,6 +130,20 @@ def test_two_processes_match_one(tmp_path):
     wa, wb = _final_state(one)["model"], _final_state(two)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+
+
+def test_cuda_with_fewer_gpus_than_ranks(monkeypatch, capsys):
+    """Two ranks on one GPU: --device cuda is a clear error, auto picks CPU (gloo)."""
+    from flipkern.pretrain.cli import parse_args
+    from flipkern.pretrain.train import setup_distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--device", "cuda"])
+    assert e.value.code == 2 and "2 ranks on this node need a GPU each" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # not started by torchrun: no process group
+    assert setup_distributed("auto").device.type == "cpu"
 
 
 @pytest.mark.parametrize("argv, message", [

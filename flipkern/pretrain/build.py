@@ -39,8 +39,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def local_ranks():
+    """Processes of this job on this node (torchrun sets LOCAL_WORLD_SIZE; 1 when run alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def cuda_holds_ranks():
+    """NCCL needs a GPU of its own for every rank of a node (two ranks on one GPU fail)."""
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks()
+
+
 def setup_distributed(device_arg):
-    want_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    # auto: CUDA when every local rank gets its own GPU, else CPU with gloo
+    want_cuda = device_arg == "cuda" or (device_arg == "auto" and cuda_holds_ranks())
     if dist.is_available() and dist.is_initialized():  # e.g. spawned by a test harness
         world, rank = dist.get_world_size(), dist.get_rank()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -53,7 +64,7 @@ def setup_distributed(device_arg):
     else:
         return DistInfo(device=torch.device("cuda" if want_cuda else "cpu"))
     if want_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")

@@ -176,8 +176,12 @@ def parse_args(argv=None):
         parser.error(f"--unmasked-tune-steps {args.unmasked_tune_steps} exceeds --steps {args.steps}")
     if args.device == "cuda":
         import torch
+        from .build import cuda_holds_ranks, local_ranks
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
+        if not cuda_holds_ranks():
+            parser.error(f"--device cuda: {local_ranks()} ranks on this node need a GPU each (NCCL), "
+                         f"found {torch.cuda.device_count()}; use --device cpu (gloo)")
     if args.train_data is None and args.dataset_type in ("csv", "webdataset"):
         parser.error(f"--dataset-type {args.dataset_type} needs --train-data")
     if args.train_data is not None and args.dataset_type == "synthetic":
