@@ -1,16 +1,30 @@
-"""Turn pytest-benchmark JSON into a markdown table of ratios (and a PNG).
+"""Markdown tables from the benchmarks' JSON, and the README's "Measured results" tables from
+the committed JSON under benchmarks/results/.
 
-    python benchmarks/report.py bench.json [--png bench.png] [--baseline torch-native]
+    python benchmarks/report.py bench.json [--png bench.png] [--baseline torch-native]   # pytest-benchmark JSON
+    python benchmarks/report.py --e2e benchmarks/results/e2e_cpu.json                   # bench_e2e.py JSON
+    python benchmarks/report.py --readme README.md     # rewrite the README's generated tables
 
-For each group (one case), every impl's median time, throughput when the
-benchmark recorded bytes (GB/s) or flops (TFLOP/s), peak memory when recorded,
-and its speedup over each other impl of the group (time_other / time_impl).
+Op tables (pytest-benchmark JSON): for each group (one case), every impl's median
+and min time, throughput when the benchmark recorded bytes (GB/s) or flops
+(TFLOP/s), peak memory when recorded, and flipkern's speedup over each other impl
+(time_other / time_flipkern, medians).
 """
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BEGIN, END = "<!-- report.py: begin -->", "<!-- report.py: end -->"
+
+
+def fmt_time(s):
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark JSON
 
 def load(path):
     with open(path) as f:
@@ -18,16 +32,13 @@ def load(path):
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         impl = b.get("extra_info", {}).get("impl", b["name"])
-        groups[b.get("group") or b["name"]][impl] = {"median": b["stats"]["median"], **b.get("extra_info", {})}
+        groups[b.get("group") or b["name"]][impl] = {"median": b["stats"]["median"], "min": b["stats"]["min"],
+                                                      "rounds": b["stats"]["rounds"], **b.get("extra_info", {})}
     return data.get("machine_info", {}), groups
 
 
-def fmt_time(s):
-    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
-
-
 def table(groups, baseline=None):
-    lines = ["| case | impl | median | throughput | peak mem | speedup |", "|---|---|---|---|---|---|"]
+    lines = ["| case | impl | median | min | throughput | peak mem | speedup |", "|---|---|---|---|---|---|---|"]
     for group, impls in groups.items():
         fk = impls.get("flipkern")
         for impl, r in sorted(impls.items(), key=lambda kv: kv[1]["median"]):
@@ -38,13 +49,36 @@ def table(groups, baseline=None):
                 thr = f"{r['flops'] / r['median'] / 1e12:.3f} TFLOP/s"
             mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB" if r.get("peak_mem_bytes") else ""
             if impl == "flipkern":
-                others = [f"{impls[o]['median'] / r['median']:.2f}x vs {o}" for o in impls if o != impl
-                          and (baseline is None or o == baseline)]
-                speed = ", ".join(others)
+                speed = ", ".join(f"{impls[o]['median'] / r['median']:.2f}x vs {o}" for o in impls
+                                  if o != impl and (baseline is None or o == baseline))
             else:
                 speed = f"flipkern {r['median'] / fk['median']:.2f}x faster" if fk else ""
-            lines.append(f"| {group} | {impl} | {fmt_time(r['median'])} | {thr} | {mem} | {speed} |")
+            lines.append(f"| {group} | {impl} | {fmt_time(r['median'])} | {fmt_time(r['min'])} | {thr} | {mem} | "
+                         f"{speed} |")
     return "\n".join(lines)
+
+
+def op_summary(groups):
+    """One row per case: flipkern's median, then each other impl's median and flipkern's speedup over it."""
+    lines = ["| case | flipkern | the others (their median, flipkern's speedup) |", "|---|---|---|"]
+    for group, impls in groups.items():
+        fk = impls.get("flipkern")
+        if fk is None:
+            continue
+        others = sorted((o for o in impls if o != "flipkern"), key=lambda o: impls[o]["median"])
+        cells = ", ".join(f"`{o}` {fmt_time(impls[o]['median'])} ({impls[o]['median'] / fk['median']:.2f}x)"
+                          for o in others)
+        lines.append(f"| {group} | {fmt_time(fk['median'])} | {cells} |")
+    return "\n".join(lines)
+
+
+def run_line(machine):
+    """One line about the run behind an op table (the conftest's machine_info additions)."""
+    cpu = machine.get("cpu", {})
+    load = machine.get("loadavg_start")
+    return (f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, torch {machine.get('torch', '?')}, "
+            f"{machine.get('threads', '?')} threads, commit {str(machine.get('commit', '?'))[:10]}, "
+            f"load average {'/'.join(f'{x:.1f}' for x in load) if load else '?'} at the start")
 
 
 def plot(groups, path):
@@ -65,20 +99,98 @@ def plot(groups, path):
     fig.savefig(path, dpi=120)
 
 
+# ----------------------------------------------------------------------------- bench_e2e.py JSON
+
+def e2e_run_line(data):
+    r, c = data["run"], data["config"]
+    load = "/".join(f"{x:.1f}" for x in (r.get("loadavg_start") or [])[:1] + (r.get("loadavg_end") or [])[:1])
+    return (f"{r['machine']['cpu']}, {r['machine']['cores']} cores, {c['device']} {c['dtype']}, "
+            f"{data['summary'][0].get('threads', '?')} threads, torch {r['torch']}, commit {str(r['commit'])[:10]}, "
+            f"{data['repeats']} interleaved repeats x {c['steps']} steps per case, "
+            f"1-min load average {load} (start/end); `{r['command']}`")
+
+
+def e2e_cases_table(data):
+    B = data["config"]["batch"]
+    lines = ["| mask | case | step min | step median | img/s (min) | CPU time/step (min) | GFLOP/step | peak mem |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in data["summary"]:
+        mem = f"{s['peak_mem_bytes'] / 2**20:.0f} MiB"
+        gflop = f"{s['flops'] / 1e9:.1f}" if s.get("flops") else ""
+        lines.append(f"| {s['mask']} | {s['case']} | {fmt_time(s['step_s_min'])} | {fmt_time(s['step_s_median'])} | "
+                     f"{B / s['step_s_min']:.1f} | {fmt_time(s['cpu_s_min'])} | {gflop} | {mem} |")
+    return "\n".join(lines)
+
+
+def e2e_ratio_table(data):
+    lines = ["| ratio (> 1: the first is faster) | mask | time (min) | time (median) | CPU time (min) | "
+             "FLOP ratio | time / FLOP ratio |", "|---|---|---|---|---|---|---|"]
+    for r in data["ratios"]:
+        fl = r.get("flops")
+        flop_cells = f"{fl:.2f}x | {r['time_min'] / fl:.2f}" if fl else " | "
+        lines.append(f"| {r['name']} | {r['mask']} | {r['time_min']:.2f}x | {r['time_median']:.2f}x | "
+                     f"{r['cpu_min']:.2f}x | {flop_cells} |")
+    return "\n".join(lines)
+
+
+def e2e_tables(data):
+    return "\n\n".join([e2e_run_line(data), e2e_cases_table(data), e2e_ratio_table(data)])
+
+
+# ----------------------------------------------------------------------------- README
+
+def readme_section(results=RESULTS):
+    """The generated part of the README's "Measured results": every committed JSON, each with its run line."""
+    parts = []
+    for name in sorted(os.listdir(results)):
+        path = os.path.join(results, name)
+        if not name.endswith(".json"):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        rel = os.path.relpath(path, os.path.dirname(results.rstrip("/")) + "/..")
+        if "summary" in data:
+            parts.append(f"#### `{rel}`\n\n{e2e_tables(data)}")
+        else:
+            machine, groups = load(path)
+            cmd = machine.get("command", "?")
+            parts.append(f"#### `{rel}`\n\n{run_line(machine)}; `{cmd}`\n\n{op_summary(groups)}")
+    return "\n\n".join(parts)
+
+
+def update_readme(path, results=RESULTS):
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to rewrite")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{readme_section(results)}\n{END}{tail}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json")
+    p.add_argument("json", nargs="?", help="a pytest-benchmark JSON")
     p.add_argument("--png")
     p.add_argument("--baseline", help="only show the flipkern speedup over this impl")
+    p.add_argument("--e2e", help="a bench_e2e.py JSON")
+    p.add_argument("--readme", help="rewrite this README's generated block from benchmarks/results/")
     a = p.parse_args(argv)
-    machine, groups = load(a.json)
-    if machine:
-        print(f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
-              f"{machine.get('cpu', {}).get('count', '?')} cores\n")
-    print(table(groups, a.baseline))
-    if a.png:
-        plot(groups, a.png)
-        print(f"\nplot: {a.png}")
+    if a.readme:
+        update_readme(a.readme)
+        print(f"rewrote the generated tables of {a.readme}")
+    if a.e2e:
+        with open(a.e2e) as f:
+            print(e2e_tables(json.load(f)))
+    if a.json:
+        machine, groups = load(a.json)
+        if machine:
+            print(run_line(machine) + "\n")
+        print(table(groups, a.baseline))
+        if a.png:
+            plot(groups, a.png)
+            print(f"\nplot: {a.png}")
     return 0
 
 
