@@ -54,60 +54,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import caption_lengths  # noqa: E402
 import flops  # noqa: E402
+from native import native_clip_loss, native_forward  # noqa: E402
 import run_info  # noqa: E402
 
 CASES = ("fast", "native", "reference", "open_clip", "open_clip+fk")
 # (flipkern case, baseline case): the ratios the report shows, each within one model
 PAIRS = (("open_clip+fk", "open_clip"), ("fast", "native"), ("fast", "reference"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------- native-best
-
-def native_patch_embed(visual, images, ids_keep):
-    """Kept patches only, plain PyTorch: index the kept (row, col) grid cells of a
-    [B, C, g, p, g, p] view (one copy of the kept pixels), one linear with the conv
-    weight, + their position embedding. Conv2d over every patch when nothing is dropped."""
-    if ids_keep is None:
-        return visual.embed(images)
-    B, C, H, W = images.shape
-    p = visual.cfg.patch_size
-    g = H // p
-    grid = images.view(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # [B, g, g, C, p, p], a view
-    patches = grid[torch.arange(B, device=images.device)[:, None], ids_keep // g, ids_keep % g]  # [B, K, C, p, p]
-    w = visual.patch_embed.weight
-    return F.linear(patches.flatten(2), w.flatten(1), visual.patch_embed.bias) + visual.pos_embed.to(w.dtype)[ids_keep]
-
-
-def native_encode_text(text, tokens):
-    """The batch cut to its longest caption (causal: the cut changes nothing), causal SDPA,
-    ln_final and the projection on each caption's end token only."""
-    from flipkern.fastpath import dense_block_forward
-    from flipkern.reference.text import eot_positions
-    eot = eot_positions(tokens, text.cfg.eot_id)
-    x = text.embed(tokens[:, :int(eot.max()) + 1])
-    for block in text.blocks:
-        x = dense_block_forward(block, x, causal=True)  # SDPA is_causal=True, no mask tensor
-    return text.proj(text.ln_final(x[torch.arange(x.shape[0], device=x.device), eot]))
-
-
-def native_forward(model, images, tokens, ids_keep):
-    """The reference CLIP's forward in plain PyTorch, written for speed (module docstring)."""
-    from flipkern.fastpath import dense_block_forward
-    v = model.visual
-    x = v.with_cls(native_patch_embed(v, images, ids_keep))
-    for block in v.blocks:
-        x = dense_block_forward(block, x)
-    return model.head(v.pool(x), native_encode_text(model.text, tokens))
-
-
-def native_clip_loss(out):
-    """The full-matrix CLIP loss, its [B, B] logits computed once (the text direction is its transpose)."""
-    from flipkern.reference.clip import loss_inputs
-    img, txt, scale, _ = loss_inputs(out)
-    logits = scale * img @ txt.t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 # ----------------------------------------------------------------------------- the five cases

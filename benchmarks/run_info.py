@@ -36,10 +36,16 @@ def load_average():
         return None
 
 
+def _command():
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0.endswith(os.path.join("pytest", "__main__.py")):
+        return ["python -m pytest"] + sys.argv[1:]
+    return ["python " + os.path.relpath(argv0) if argv0 else "python"] + sys.argv[1:]
+
+
 def run_info():
     """A dict for the JSON's "run" field; loadavg_start here, the caller adds loadavg_end."""
-    info = dict(command=" ".join([os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "python"]
-                                 + sys.argv[1:]),
+    info = dict(command=" ".join(_command()),
                 machine=dict(cpu=cpu_name(), cores=os.cpu_count(), system=platform.system(),
                              python=platform.python_version()),
                 torch=torch.__version__, threads=torch.get_num_threads(), commit=_commit(),

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_e2e  # noqa: E402
 import caption_lengths  # noqa: E402
 import flops  # noqa: E402
+import native  # noqa: E402
 import plot_e2e  # noqa: E402
 import report  # noqa: E402
 
@@ -37,10 +38,10 @@ def test_native_forward_is_the_reference_models_forward(masked):
     torch.manual_seed(0)
     model = rclip.CLIP(cfg).double()
     ref = model(images.double(), tokens, ids_keep=ids)
-    out = bench_e2e.native_forward(model, images.double(), tokens, ids)
+    out = native.native_forward(model, images.double(), tokens, ids)
     for k in ref:
         torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12, msg=k)
-    torch.testing.assert_close(bench_e2e.native_clip_loss(out), model.loss(ref), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(native.native_clip_loss(out), model.loss(ref), rtol=1e-12, atol=1e-12)
 
 
 def test_open_clip_pair_runs_the_same_masks_and_loss():
