@@ -252,6 +252,18 @@ def ratios(summary):
     return out
 
 
+def _save(path, info, args, repeats, runs):
+    """The JSON document of the runs so far (written to path when given)."""
+    info = dict(info, loadavg_end=run_info.load_average())
+    summary = summarize(runs)
+    data = dict(run=info, config=args, repeats=repeats, repeats_done=1 + max(r["repeat"] for r in runs),
+                summary=summary, ratios=ratios(summary), runs=runs)
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+    return data
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-Ti/16")
@@ -291,15 +303,11 @@ def main(argv=None):
             runs.append(r)
             print(f"[{rep}] {case:>13} mask={mask:<4} step min {min(r['step_s']) * 1e3:6.0f} ms  "
                   f"cpu {min(r['cpu_s']) * 1e3:6.0f} ms", flush=True)
-    info["loadavg_end"] = run_info.load_average()
-    summary = summarize(runs)
-    data = dict(run=info, config=args, repeats=a.repeats, summary=summary, ratios=ratios(summary), runs=runs)
+            _save(a.json, info, args, a.repeats, runs)  # after every process: a cut-short run keeps its data
+    data = _save(a.json, info, args, a.repeats, runs)
     import report
     print()
     print(report.e2e_tables(data))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(data, f, indent=1)
     return data
 
 

@@ -18,6 +18,9 @@ from collections import defaultdict
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BEGIN, END = "<!-- report.py: begin -->", "<!-- report.py: end -->"
+# issue 12's aims for the end-to-end run (2-core CPU, ViT-Ti/16, batch 32, fp32, realistic captions)
+AIMS = {("open_clip+fk / open_clip", 0.75): 1.5, ("fast / native", 0.75): 1.3}
+FLOP_TOLERANCE = 0.10  # "each time ratio within 10% of its FLOP ratio"
 
 
 def fmt_time(s):
@@ -106,7 +109,8 @@ def e2e_run_line(data):
     load = "/".join(f"{x:.1f}" for x in (r.get("loadavg_start") or [])[:1] + (r.get("loadavg_end") or [])[:1])
     return (f"{r['machine']['cpu']}, {r['machine']['cores']} cores, {c['device']} {c['dtype']}, "
             f"{data['summary'][0].get('threads', '?')} threads, torch {r['torch']}, commit {str(r['commit'])[:10]}, "
-            f"{data['repeats']} interleaved repeats x {c['steps']} steps per case, "
+            f"{data.get('repeats_done', data['repeats'])} of {data['repeats']} interleaved repeats done x {c['steps']} "
+            f"timed steps per case, "
             f"1-min load average {load} (start/end); `{r['command']}`")
 
 
@@ -122,39 +126,90 @@ def e2e_cases_table(data):
     return "\n".join(lines)
 
 
+def _verdict(ratio, ok):
+    """met / not met, judged on the wall-clock and on the CPU-time ratio (min over steps)."""
+    return ", ".join(f"{what} {'met' if ok(ratio[key]) else '**not met**'}"
+                     for what, key in (("wall", "time_min"), ("CPU", "cpu_min")))
+
+
 def e2e_ratio_table(data):
     lines = ["| ratio (> 1: the first is faster) | mask | time (min) | time (median) | CPU time (min) | "
-             "FLOP ratio | time / FLOP ratio |", "|---|---|---|---|---|---|---|"]
+             "FLOP ratio | time (min) / FLOP ratio | aim |", "|---|---|---|---|---|---|---|---|"]
     for r in data["ratios"]:
         fl = r.get("flops")
         flop_cells = f"{fl:.2f}x | {r['time_min'] / fl:.2f}" if fl else " | "
+        aims = []
+        goal = AIMS.get((r["name"], r["mask"]))
+        if goal:
+            aims.append(f">= {goal}x: {_verdict(r, lambda v: v >= goal)}")
+        if fl and not r["name"].startswith("FLIP"):
+            aims.append(f"within 10% of FLOPs: {_verdict(r, lambda v: v >= (1 - FLOP_TOLERANCE) * fl)}")
         lines.append(f"| {r['name']} | {r['mask']} | {r['time_min']:.2f}x | {r['time_median']:.2f}x | "
-                     f"{r['cpu_min']:.2f}x | {flop_cells} |")
+                     f"{r['cpu_min']:.2f}x | {flop_cells} | {'; '.join(aims)} |")
     return "\n".join(lines)
 
 
-def e2e_tables(data):
-    return "\n\n".join([e2e_run_line(data), e2e_cases_table(data), e2e_ratio_table(data)])
+def e2e_where_time_goes(data, n=6):
+    """Each case's top ops of one step by self CPU time (bench_e2e.py --profile), one line per case."""
+    lines = []
+    for s in data["summary"]:
+        if s.get("top_ops"):
+            total = sum(t for _, t, _ in s["top_ops"])
+            ops = ", ".join(f"{name.replace('aten::', '')} {t / total:.0%}" for name, t, _ in s["top_ops"][:n])
+            lines.append(f"- {s['case']} @ {s['mask']}: {ops}")
+    return ("Top ops by self CPU time (share of the top 12), one profiled step:\n\n" + "\n".join(lines)) if lines else ""
+
+
+def e2e_tables(data, profile=False):
+    parts = [e2e_run_line(data), e2e_cases_table(data), e2e_ratio_table(data)]
+    return "\n\n".join(parts + ([e2e_where_time_goes(data)] if profile else []))
+
+
+def e2e_not_won(data):
+    """The end-to-end ratios where flipkern is not faster (time (min) ratio < 1.05)."""
+    return [f"end to end, {data['config']['captions']} captions: {r['name']} at mask {r['mask']}: {r['time_min']:.2f}x"
+            for r in data["ratios"] if not r["name"].startswith("FLIP") and r["time_min"] < 1.05]
+
+
+def ops_not_won(groups):
+    """The op cases where some other impl's median is within 5% of flipkern's or faster."""
+    out = []
+    for group, impls in groups.items():
+        fk = impls.get("flipkern")
+        if fk is None:
+            continue
+        beaten = [f"`{o}` {impls[o]['median'] / fk['median']:.2f}x" for o in impls
+                  if o != "flipkern" and impls[o]["median"] < 1.05 * fk["median"]]
+        if beaten:
+            out.append(f"{group}: flipkern vs {', '.join(beaten)}")
+    return out
 
 
 # ----------------------------------------------------------------------------- README
 
+def _readme_order(name):
+    return (not name.startswith("e2e"), name)  # the end-to-end runs first
+
+
 def readme_section(results=RESULTS):
-    """The generated part of the README's "Measured results": every committed JSON, each with its run line."""
-    parts = []
-    for name in sorted(os.listdir(results)):
+    """The generated part of the README's "Measured results": every committed JSON with its run line,
+    then the list of cases where flipkern does not win."""
+    parts, not_won = [], []
+    for name in sorted((n for n in os.listdir(results) if n.endswith(".json")), key=_readme_order):
         path = os.path.join(results, name)
-        if not name.endswith(".json"):
-            continue
         with open(path) as f:
             data = json.load(f)
-        rel = os.path.relpath(path, os.path.dirname(results.rstrip("/")) + "/..")
         if "summary" in data:
-            parts.append(f"#### `{rel}`\n\n{e2e_tables(data)}")
+            parts.append(f"#### `benchmarks/results/{name}`\n\n{e2e_tables(data, profile=True)}")
+            not_won += e2e_not_won(data)
         else:
             machine, groups = load(path)
-            cmd = machine.get("command", "?")
-            parts.append(f"#### `{rel}`\n\n{run_line(machine)}; `{cmd}`\n\n{op_summary(groups)}")
+            parts.append(f"#### `benchmarks/results/{name}`\n\n{run_line(machine)}; "
+                         f"`{machine.get('command', '?')}`\n\n{op_summary(groups)}")
+            not_won += ops_not_won(groups)
+    if not_won:
+        parts.append("#### Where flipkern does not win (generated: ratio < 1.05x)\n\n"
+                     + "\n".join(f"- {line}" for line in not_won))
     return "\n\n".join(parts)
 
 
