@@ -280,6 +280,9 @@ def main(argv=None):
                    help="default: float32 on CPU, bfloat16 (autocast) on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="record each case's top ops (one step, first repeat)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cases run at once, each in its own process (a shared machine: use --threads 1 and "
+                        "read the CPU-time columns)")
     p.add_argument("--same-process", action="store_true", help="no child process per case (tests)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
@@ -290,20 +293,26 @@ def main(argv=None):
     info = run_info.run_info()
     cases = [(case, mask) for mask in a.masks for case in a.cases]
     runs = []
-    for rep in range(a.repeats):
-        order = cases[rep % len(cases):] + cases[:rep % len(cases)]
-        for case, mask in order:
-            if a.same_process:
-                r = measure(case, mask, args, rep == 0)
-            else:
-                ctx = multiprocessing.get_context("spawn")
-                with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                    r = pool.submit(_measure_in_child, case, mask, args, rep == 0).result()
-            r["repeat"] = rep
-            runs.append(r)
-            print(f"[{rep}] {case:>13} mask={mask:<4} step min {min(r['step_s']) * 1e3:6.0f} ms  "
-                  f"cpu {min(r['cpu_s']) * 1e3:6.0f} ms", flush=True)
-            _save(a.json, info, args, a.repeats, runs)  # after every process: a cut-short run keeps its data
+
+    def done(r):
+        runs.append(r)
+        print(f"[{r['repeat']}] {r['case']:>13} mask={r['mask']:<4} step min {min(r['step_s']) * 1e3:6.0f} ms  "
+              f"cpu {min(r['cpu_s']) * 1e3:6.0f} ms", flush=True)
+        _save(a.json, info, args, a.repeats, runs)  # after every process: a cut-short run keeps its data
+
+    # every repeat runs each case once, in a rotated order
+    tasks = [(case, mask, rep) for rep in range(a.repeats)
+             for case, mask in cases[rep % len(cases):] + cases[:rep % len(cases)]]
+    if a.same_process:
+        for case, mask, rep in tasks:
+            done(dict(measure(case, mask, args, rep == 0), repeat=rep))
+    else:
+        # a fresh spawned process per case (max_tasks_per_child=1); --jobs of them at once
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+            futures = {pool.submit(_measure_in_child, case, mask, args, rep == 0): rep for case, mask, rep in tasks}
+            for f in cf.as_completed(futures):
+                done(dict(f.result(), repeat=futures[f]))
     data = _save(a.json, info, args, a.repeats, runs)
     import report
     print()
