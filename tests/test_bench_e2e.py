@@ -141,4 +141,4 @@ def test_readme_block_is_rewritten_from_the_results(tmp_path):
     report.update_readme(str(readme), str(results))
     text = readme.read_text()
     assert "old numbers" not in text and "kept\n" in text and "kept too" in text
-    assert "| fast / native | 0.0 | 2.00x | 2.00x | 2.00x | 3.00x | 0.67 |" in text
+    assert "| fast / native | 0.0 | 2.00x | 2.00x | 2.00x | 3.00x | 0.67 | 0.67 |" in text
