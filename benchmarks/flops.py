@@ -3,8 +3,8 @@
 The same convention for every case, so that the FLOP ratio of two cases is the
 speedup that avoiding work alone can give:
   - matmuls and convolutions: torch's own formulas (2 per multiply-add).
-  - attention (SDPA's CPU flash kernel, which torch has no formula for, its other
-    kernels, and flipkern's varlen op): 4 * Lq * Lk * Dh per head forward (Q K^T and
+  - attention (SDPA's CPU flash kernel, which torch has no formula for, its CUDA
+    kernels, whose torch formulas ignore is_causal, and flipkern's varlen op): 4 * Lq * Lk * Dh per head forward (Q K^T and
     P V), twice that backward; with is_causal / causal=True only the L(L+1)/2 pairs
     on and below the diagonal, as the kernels skip the masked blocks. A kernel
     given an explicit mask (open_clip's causal mask) computes every pair and is
@@ -27,47 +27,54 @@ def attention_flops(lengths_q, lengths_k, heads, head_dim, causal, backward=Fals
     return 2 * fwd if backward else fwd
 
 
-def _raw(fn):
-    fn._get_raw = True  # FlopCounterMode passes the real arguments (cu_seqlens values are needed)
-    return fn
+def _formula(packet, flops_of):
+    """A FlopCounterMode formula for packet that calls flops_of({argument name: value}, backward)
+    (the op's schema names its arguments; the real values are passed: cu_seqlens are needed)."""
+    names = [a.name for a in packet.default._schema.arguments]
+    backward = packet.default._schema.name.endswith(("backward", "_bwd", "_bwd_triton"))
 
-
-def _sdpa(backward):
     def count(*args, out_val=None, **kwargs):
-        q, k = (args[1], args[2]) if backward else (args[0], args[1])
-        is_causal = (args[7] if len(args) > 7 else kwargs.get("is_causal", False)) if backward else \
-            (args[4] if len(args) > 4 else kwargs.get("is_causal", False))
-        causal = bool(is_causal) and kwargs.get("attn_mask") is None
-        B, H, Lq, Dh = q.shape
-        return attention_flops([Lq] * B, [k.shape[2]] * B, H, Dh, causal, backward)
-    return _raw(count)
+        return flops_of({**dict(zip(names, args)), **kwargs}, backward)
+    count._get_raw = True
+    return count
 
 
-def _varlen(backward):
-    def count(*args, out_val=None, **kwargs):
-        q, cu, causal = (args[1], args[6], args[8]) if backward else (args[0], args[3], args[5])
-        lengths = cu.long().diff()
-        return attention_flops(lengths, lengths, q.shape[1], q.shape[2], causal, backward)
-    return _raw(count)
+def _sdpa_flops(a, backward):
+    q, k = a["query"], a["key"]
+    causal = bool(a.get("is_causal", False)) and a.get("attn_mask") is None and a.get("attn_bias") is None
+    B, H, Lq, Dh = q.shape
+    return attention_flops([Lq] * B, [k.shape[2]] * B, H, Dh, causal, backward)
 
 
-def _clip_loss(backward):
-    def count(*args, out_val=None, **kwargs):
-        all_image, local_batch = (args[1], args[7]) if backward else (args[0], args[4])
-        B, D = all_image.shape
-        return (4 if backward else 2) * local_batch * B * D
-    return _raw(count)
+def _varlen_flops(a, backward):
+    lengths = a["cu_seqlens"].long().diff()
+    return attention_flops(lengths, lengths, a["q"].shape[1], a["q"].shape[2], a["causal"], backward)
+
+
+def _clip_loss_flops(a, backward):
+    B, D = a["all_image"].shape
+    return (4 if backward else 2) * a["local_batch"] * B * D
+
+
+SDPA_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+FLIPKERN_OPS = {"varlen_attention": _varlen_flops, "clip_loss": _clip_loss_flops}
 
 
 def _mapping():
+    """Formulas for SDPA's kernels (replacing torch's, which ignore is_causal) and flipkern's ops."""
+    from flipkern import _extension
+    _extension.load()  # the C++ ops register on first use: make sure they exist to be counted
     aten, fk = torch.ops.aten, torch.ops.flipkern
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa(False),
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa(True)}
-    for suffix in ("", "_triton"):
-        for name, formula in (("varlen_attention_fwd", _varlen(False)), ("varlen_attention_bwd", _varlen(True)),
-                              ("clip_loss_fwd", _clip_loss(False)), ("clip_loss_bwd", _clip_loss(True))):
-            if hasattr(fk, name + suffix):  # the C++ ops exist once the extension loaded
-                mapping[getattr(fk, name + suffix)] = formula
+    mapping = {}
+    for name in SDPA_OPS:
+        for op in (name, name + "_backward"):
+            if hasattr(aten, op):
+                mapping[getattr(aten, op)] = _formula(getattr(aten, op), _sdpa_flops)
+    for name, flops_of in FLIPKERN_OPS.items():
+        for op in (f"{name}_fwd", f"{name}_bwd", f"{name}_fwd_triton", f"{name}_bwd_triton"):
+            if hasattr(fk, op):  # the C++ ops exist once the extension loaded
+                mapping[getattr(fk, op)] = _formula(getattr(fk, op), flops_of)
     return mapping
 
 

@@ -132,7 +132,7 @@ def test_readme_block_is_rewritten_from_the_results(tmp_path):
     data = dict(run=dict(machine=dict(cpu="cpu", cores=2), torch="t", commit="abc", command="cmd",
                          loadavg_start=[1.0, 1, 1], loadavg_end=[2.0, 2, 2]),
                 config=dict(batch=4, device="cpu", dtype="float32", steps=1), repeats=1,
-                summary=[dict(case=c, mask=0.0, step_s_min=t, step_s_median=t, cpu_s_min=t, flops=f,
+                summary=[dict(case=c, mask=0.0, step_s=[t], step_s_min=t, step_s_median=t, cpu_s_min=t, flops=f,
                               peak_mem_bytes=2**20, threads=2) for c, t, f in (("fast", 1.0, 10), ("native", 2.0, 30))],
                 ratios=[dict(name="fast / native", mask=0.0, time_min=2.0, time_median=2.0, cpu_min=2.0, flops=3.0)])
     (results / "e2e.json").write_text(json.dumps(data))
