@@ -4,9 +4,10 @@ The same convention for every case, so that the FLOP ratio of two cases is the
 speedup that avoiding work alone can give:
   - matmuls and convolutions: torch's own formulas (2 per multiply-add).
   - attention (SDPA's CPU flash kernel, which torch has no formula for, its CUDA
-    kernels, whose torch formulas ignore is_causal, and flipkern's varlen op): 4 * Lq * Lk * Dh per head forward (Q K^T and
-    P V), twice that backward; with is_causal / causal=True only the L(L+1)/2 pairs
-    on and below the diagonal, as the kernels skip the masked blocks. A kernel
+    kernels, whose torch formulas ignore is_causal, and flipkern's varlen op):
+    4 * Lq * Lk * Dh per head forward (Q K^T and P V), twice that backward; with
+    is_causal / causal=True only the L(L+1)/2 pairs on and below the diagonal, as the
+    kernels skip the masked blocks. A kernel
     given an explicit mask (open_clip's causal mask) computes every pair and is
     counted so.
   - flipkern's chunked CLIP loss: the useful work of the full-matrix loss, one

@@ -118,12 +118,13 @@ def e2e_run_line(data):
 
 def e2e_cases_table(data):
     B = data["config"]["batch"]
-    lines = ["| mask | case | timed steps | step min | step median | CPU time/step (min) | img per CPU-s | GFLOP/step | "
-             "peak mem |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mask | case | timed steps | step min | step median | CPU time/step (min) | img per CPU-s | "
+             "GFLOP/step | peak mem |", "|---|---|---|---|---|---|---|---|---|"]
     for s in data["summary"]:
         mem = f"{s['peak_mem_bytes'] / 2**20:.0f} MiB"
         gflop = f"{s['flops'] / 1e9:.1f}" if s.get("flops") else ""
-        lines.append(f"| {s['mask']} | {s['case']} | {len(s['step_s'])} | {fmt_time(s['step_s_min'])} | {fmt_time(s['step_s_median'])} | "
+        lines.append(f"| {s['mask']} | {s['case']} | {len(s['step_s'])} | {fmt_time(s['step_s_min'])} | "
+                     f"{fmt_time(s['step_s_median'])} | "
                      f"{fmt_time(s['cpu_s_min'])} | {B / s['cpu_s_min']:.1f} | {gflop} | {mem} |")
     return "\n".join(lines)
 
@@ -159,7 +160,9 @@ def e2e_where_time_goes(data, n=6):
             total = sum(t for _, t, _ in s["top_ops"])
             ops = ", ".join(f"{name.replace('aten::', '')} {t / total:.0%}" for name, t, _ in s["top_ops"][:n])
             lines.append(f"- {s['case']} @ {s['mask']}: {ops}")
-    return ("Top ops by self CPU time (share of the top 12), one profiled step:\n\n" + "\n".join(lines)) if lines else ""
+    if not lines:
+        return ""
+    return "Top ops by self CPU time (share of the top 12), one profiled step:\n\n" + "\n".join(lines)
 
 
 def e2e_tables(data, profile=False):
