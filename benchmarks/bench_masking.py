@@ -12,6 +12,9 @@ Cases (ViT-B/16 at 224px: B=256 images, N=196 patches, D=768; keep 25% and 50%):
   patch_embed: the kept patches' embeddings from the images.
     flipkern            F.linear(fk.gather_patches(images, ids, 16), conv.weight.flatten(1), bias)
     torch-conv-drop     Conv2d on every patch, then drop: conv(images).flatten(2).transpose(1, 2)[arange, ids]
+                        (what open_clip's PatchDropout does)
+    torch-gather-linear native-best: F.linear(native.gather_patches(...)), the kept patches read by
+                        indexing a view of the images, then one GEMM on them (plain PyTorch)
     reference           F.linear(flipkern.reference.gather_patches(...)) (patchify everything, then gather)
     extra_info["flops"] is the useful work (kept patches only) for every impl.
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 import flipkern as fk
 from flipkern.reference import masking as ref
 
+import native
 from conftest import DEVICES, sync
 
 B, N, D, IMG, P, C = 256, 196, 768, 224, 16, 3
@@ -90,7 +94,7 @@ def test_drop_tokens_pos(benchmark, device, keep, dtype, impl):
 
 
 EMBED_PARAMS = [(d, k, t, i) for d in DEVICES for k in KEEPS for t in DTYPES
-                for i in _impls(d, ["torch-conv-drop", "reference"])]
+                for i in _impls(d, ["torch-conv-drop", "torch-gather-linear", "reference"])]
 
 
 @pytest.mark.parametrize("device,keep,dtype,impl", EMBED_PARAMS, ids=["-".join(p) for p in EMBED_PARAMS])
@@ -107,9 +111,13 @@ def test_patch_embed(benchmark, device, keep, dtype, impl):
         "flipkern": lambda: F.linear(fk.gather_patches(images, ids, P), weight, bias),
         "flipkern-cuda": lambda: F.linear(fk.gather_patches(images, ids, P), weight, bias),
         "torch-conv-drop": lambda: conv(images).flatten(2).transpose(1, 2)[rows, ids],
+        "torch-gather-linear": lambda: F.linear(native.gather_patches(images, ids, P), weight, bias),
         "reference": lambda: F.linear(ref.gather_patches(images, ids, P), weight, bias),
     }
     fn = _run(impl, fns[impl])
+    if impl != "torch-conv-drop":  # the gathers feed F.linear the same patches: the same bits
+        with torch.no_grad():  # (Conv2d = linear on patches is tests/test_fastpath.py's check)
+            torch.testing.assert_close(fn(), fns["torch-gather-linear"](), rtol=0, atol=0)
 
     def step():
         with torch.no_grad():
