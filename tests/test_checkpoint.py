@@ -82,13 +82,13 @@ while True:
 
 
 def test_sigkill_while_writing_never_leaves_the_run_unresumable(tmp_path):
-    """A writer of 8 MB checkpoints (keep-last-2) is SIGKILLed at 6 random moments; after
+    """A writer of 8 MB checkpoints (keep-last-2) is SIGKILLed at 4 random moments; after
     each, the newest intact checkpoint loads and holds the step it is named for. The seed
     is fixed: the same moments every run (their place within a write still varies)."""
     out = str(tmp_path)
     rng = random.Random(0)
     step, kills_mid_write = 0, 0
-    for _ in range(6):
+    for _ in range(4):
         child = subprocess.Popen([sys.executable, "-c", _WRITER, out, str(step)], cwd=ROOT, env=_env(),
                                  stdout=subprocess.PIPE, text=True)
         child.stdout.readline()  # one checkpoint written: the writer is in its loop
@@ -105,7 +105,7 @@ def test_sigkill_while_writing_never_leaves_the_run_unresumable(tmp_path):
         assert torch.equal(state["w"], torch.full((2_000_000,), float(step)))
     ckpt.prune(out, 2)  # the next save's prune removes what killed writers left behind
     assert not [n for n in os.listdir(ckpt.checkpoint_dir(out)) if n.startswith(".step_")]
-    print(f"{kills_mid_write} of 6 kills landed mid-write")
+    print(f"{kills_mid_write} of 4 kills landed mid-write")
 
 
 # ----------------------------------------------------------------------------- full disk
