@@ -40,8 +40,8 @@ try:
         ext_cls(
             name="flipkern._C",
             sources=[os.path.relpath(s) for s in sources],
-            extra_compile_args={"cxx": _sources.CXX_FLAGS, "nvcc": _sources.nvcc_flags()},
-            extra_link_args=_sources.LD_FLAGS,
+            extra_compile_args={"cxx": _sources.cxx_flags(), "nvcc": _sources.nvcc_flags()},
+            extra_link_args=_sources.ld_flags(),
             include_dirs=_sources.include_dirs() if with_cuda else [],
             py_limited_api=False,
         )

@@ -6,7 +6,8 @@ State machine, run once per process (``load()``):
    hash), is skipped and we go on to 2.
 2. Otherwise compile csrc/ with torch.utils.cpp_extension + ninja into
    ``$FLIPKERN_CACHE`` (default ~/.cache/flipkern)/<torch version>-<cpu|cuda>-<source hash>
-   and load it, printing one line while it compiles.
+   and load it, printing one line while it compiles. FLIPKERN_SANITIZE=1 always takes
+   this path, into <torch version>-asan-ubsan-<hash> (CPU only; see .ci/sanitize).
 3. If that fails too, remember why; ops then use the reference backend and
    warn once. Importing flipkern never fails because of the extension.
 
@@ -32,6 +33,8 @@ def cache_root():
 
 
 def _import_prebuilt():
+    if _sources.sanitize():  # the prebuilt library is not instrumented: build the sanitized one
+        raise ImportError("FLIPKERN_SANITIZE=1 uses its own build")
     spec = importlib.util.find_spec("flipkern._C")
     if spec is None:
         raise ImportError("not built")
@@ -50,7 +53,8 @@ def _compile_jit(with_cuda):
     sources = _sources.source_files(with_cuda)
     if not sources:
         raise RuntimeError(f"no C++ sources found under {_sources.CSRC}")
-    tag = f"torch{torch.__version__.replace('+', '_')}-{'cuda' if with_cuda else 'cpu'}-" \
+    kind = "asan-ubsan" if _sources.sanitize() else "cuda" if with_cuda else "cpu"
+    tag = f"torch{torch.__version__.replace('+', '_')}-{kind}-" \
           f"{_sources.sources_hash(with_cuda)}"
     build_dir = os.path.join(cache_root(), tag)
     os.makedirs(build_dir, exist_ok=True)
@@ -61,9 +65,9 @@ def _compile_jit(with_cuda):
     load(
         name="flipkern_C",
         sources=sources,
-        extra_cflags=_sources.CXX_FLAGS,
+        extra_cflags=_sources.cxx_flags(),
         extra_cuda_cflags=_sources.nvcc_flags(),
-        extra_ldflags=_sources.LD_FLAGS,
+        extra_ldflags=_sources.ld_flags(),
         extra_include_paths=_sources.include_dirs() if with_cuda else None,
         build_directory=build_dir,
         with_cuda=with_cuda,

@@ -14,6 +14,25 @@ CSRC = os.path.join(ROOT, "csrc")
 
 CXX_FLAGS = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension picks the C++ standard torch needs
 LD_FLAGS = ["-fopenmp"]
+# FLIPKERN_SANITIZE=1: the CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer
+# (tests/run_sanitized.sh). -O1 keeps stack traces usable; undefined behaviour aborts at the
+# first finding instead of printing and going on, so no finding can pass unnoticed.
+SANITIZE_CXX_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp",
+                      "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+SANITIZE_LD_FLAGS = ["-fopenmp", "-fsanitize=address,undefined"]
+
+
+def sanitize():
+    """True when FLIPKERN_SANITIZE=1: build (on first use, CPU only) the sanitized extension."""
+    return os.environ.get("FLIPKERN_SANITIZE", "").strip() == "1"
+
+
+def cxx_flags():
+    return SANITIZE_CXX_FLAGS if sanitize() else CXX_FLAGS
+
+
+def ld_flags():
+    return SANITIZE_LD_FLAGS if sanitize() else LD_FLAGS
 # Architectures compiled when no GPU is visible to ask (CI, this machine): Ampere and Hopper.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
@@ -46,6 +65,8 @@ def cuda_status():
         os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     if flag == "0":
         return False, "FLIPKERN_CUDA=0"
+    if sanitize():
+        return False, "FLIPKERN_SANITIZE=1 builds the CPU kernels only"
     try:
         import torch
     except ImportError:
@@ -102,7 +123,7 @@ def content_hash():
 def sources_hash(with_cuda):
     """The sources, the flags and the CUDA choice: the key of a build-on-first-use cache."""
     h = hashlib.sha256(content_hash().encode())
-    h.update(repr((CXX_FLAGS, LD_FLAGS, nvcc_flags(), with_cuda,
+    h.update(repr((cxx_flags(), ld_flags(), nvcc_flags(), with_cuda,
                    os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
     return h.hexdigest()[:16]
 

@@ -17,7 +17,6 @@ csrc/attention_cuda.cu: a plain warp-per-row kernel, correct but not tuned);
 import math
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks, _extension, backends
 from .reference import attention as ref
@@ -31,7 +30,9 @@ ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 def cu_seqlens_from_lengths(lengths):
     """int lengths [B] -> int32 cu_seqlens [B+1] = [0, L_0, L_0+L_1, ...]."""
-    _checks.tensor("cu_seqlens_from_lengths", "lengths", lengths, dims=1)
+    op = "cu_seqlens_from_lengths"
+    _checks.tensor(op, "lengths", lengths, dims=1, dtypes=_checks.INTEGER)
+    _checks.lengths_values(op, "lengths", lengths, torch.iinfo(torch.int32).max)
     return ref.cu_seqlens_from_lengths(lengths)
 
 
@@ -39,11 +40,12 @@ def pack(x, lengths):
     """x [B, N, ...] padded (valid tokens first) -> (packed [total, ...], int32 cu_seqlens [B+1])."""
     op = "pack"
     _checks.tensor(op, "x", x)
-    _checks.tensor(op, "lengths", lengths, dims=1, device=x.device)
+    _checks.tensor(op, "lengths", lengths, dims=1, dtypes=_checks.INTEGER, device=x.device)
     if x.dim() < 2:
         _checks.fail(op, f"x must be at least 2-D [B, N, ...], got shape {tuple(x.shape)}")
     if lengths.shape[0] != x.shape[0]:
         _checks.fail(op, f"lengths has {lengths.shape[0]} entries but x has batch {x.shape[0]}")
+    _checks.lengths_values(op, "lengths", lengths, x.shape[1])
     return ref.pack(x, lengths)
 
 
@@ -53,6 +55,13 @@ def unpack(packed, cu_seqlens, max_len):
     _checks.tensor(op, "packed", packed)
     _checks.tensor(op, "cu_seqlens", cu_seqlens, dims=1, dtypes=(torch.int32, torch.int64),
                    device=packed.device)
+    if packed.dim() < 1:
+        _checks.fail(op, "packed must be at least 1-D [total, ...], got a 0-d tensor")
+    if cu_seqlens.shape[0] < 1:
+        _checks.fail(op, "cu_seqlens must have B+1 >= 1 entries, got an empty tensor")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        _checks.fail(op, f"max_len must be an int >= 0, got {max_len!r}")
+    _checks.cu_seqlens_values(op, cu_seqlens, packed.shape[0], max_len, rows_of="packed")
     return ref.unpack(packed, cu_seqlens, max_len)
 
 
@@ -99,42 +108,6 @@ def _check_structure(op, q, k, v, cu_seqlens, max_seqlen):
         _checks.fail(op, f"max_seqlen must be >= 0, got {max_seqlen}")
 
 
-# cu_seqlens tensors whose values were checked: {tensor: ((version, total), longest)}.
-# The same offsets serve every layer of a model; on CUDA each check costs a sync.
-_validated = WeakIdKeyDictionary()
-
-
-def _check_cu_seqlens_values(op, cu, total, max_seqlen):
-    """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total, every length <= max_seqlen; eager only."""
-    # Inference tensors have no version counter to tell an in-place change: always check those.
-    key = None if cu.is_inference() else (cu._version, int(total))
-    hit = _validated.get(cu) if key is not None else None
-    if hit is not None and hit[0] == key and max_seqlen >= hit[1]:
-        return
-    c = cu.to(torch.int64)
-    lengths = c[1:] - c[:-1]
-    if lengths.numel():
-        first, last, shortest, longest = torch.stack(
-            [c[0], c[-1], lengths.min(), lengths.max()]).tolist()
-    else:
-        first = last = int(c[0])
-        shortest = longest = 0
-    if first != 0:
-        raise RuntimeError(f"flipkern.{op}: cu_seqlens[0] must be 0, got {first}")
-    if shortest < 0:
-        i = int(torch.nonzero(lengths < 0)[0, 0]) + 1
-        raise RuntimeError(f"flipkern.{op}: cu_seqlens must be non-decreasing, but cu_seqlens[{i}] = "
-                           f"{int(c[i])} < cu_seqlens[{i - 1}] = {int(c[i - 1])}")
-    if longest > max_seqlen:
-        i = int(torch.argmax(lengths))
-        raise RuntimeError(f"flipkern.{op}: sequence {i} has length {longest} > max_seqlen = {max_seqlen}")
-    if last != total:
-        raise RuntimeError(f"flipkern.{op}: cu_seqlens[-1] = {last} must equal the number of packed "
-                           f"rows of q ({total})")
-    if key is not None:
-        _validated[cu] = (key, longest)
-
-
 def _resolve_scale(op, scale, Dh):
     if scale is None:
         return 1.0 / math.sqrt(Dh)
@@ -162,6 +135,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, scale=Non
     scale = _resolve_scale(op, scale, q.shape[2])
     backend = backends.select(op, q.device, ALL_BACKENDS)
     if backend == "reference":
+        if not torch.compiler.is_compiling():  # reads the values: eager only, as for masking
+            _checks.cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
         return ref.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     if backend == "triton":
         return varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale)[0]
@@ -209,7 +184,7 @@ def varlen_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     from .triton_kernels import attention as tk
     op = "varlen_attention"
     _check_structure(op, q, k, v, cu_seqlens, max_seqlen)
-    _check_cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
+    _checks.cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
     return tk.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
@@ -227,7 +202,7 @@ def varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torc
                              f"got {list(t.shape)} on {t.device}")
     if tuple(lse.shape) != (q.shape[1], q.shape[0]):
         _checks.fail(op, f"lse must be [H, total] = {[q.shape[1], q.shape[0]]}, got {list(lse.shape)}")
-    _check_cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
+    _checks.cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
     return tk.varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
 
 

@@ -24,7 +24,7 @@ implementation, so the fast path never fails for that, and
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import _checks, backends
 from .attention import pack
 from .blocks import dense_block_forward, packed_blocks_forward
 from .losses import clip_loss, siglip_loss
@@ -79,6 +79,8 @@ def encode_image(visual, images, ids_keep=None, keep_lengths=None):
     keep_lengths (int [B], optional): sample b keeps only ids_keep[b, :keep_lengths[b]];
     the blocks then run varlen attention over the packed tokens.
     """
+    if keep_lengths is not None:
+        _check_keep_lengths(keep_lengths, ids_keep)
     x = visual.with_cls(patch_embed(images, ids_keep, visual.patch_embed.weight, visual.patch_embed.bias,
                                     visual.pos_embed))
     if keep_lengths is None:
@@ -89,13 +91,21 @@ def encode_image(visual, images, ids_keep=None, keep_lengths=None):
     return _encode_image_varlen(visual, x, keep_lengths)
 
 
+def _check_keep_lengths(keep_lengths, ids_keep):
+    """keep_lengths: integer [B] in [1, K] for ids_keep [B, K]; on both paths, fast and reference."""
+    if ids_keep is None:
+        _checks.fail("fastpath", "keep_lengths needs ids_keep")
+    _checks.tensor("fastpath", "keep_lengths", keep_lengths, dims=1, dtypes=_checks.INTEGER)
+    if keep_lengths.shape[0] != ids_keep.shape[0]:
+        _checks.fail("fastpath", f"keep_lengths must be [B] = [{ids_keep.shape[0]}], "
+                                 f"got shape {tuple(keep_lengths.shape)}")
+    # A sample that keeps no patch has no image to encode: its feature would be a mean
+    # over nothing (NaN in the reference tower, zeros on the fast path), so 0 is an error.
+    _checks.lengths_values("fastpath", "keep_lengths", keep_lengths, ids_keep.shape[1], low=1)
+
+
 def _encode_image_varlen(visual, x, keep_lengths):
     has_cls = visual.cls_token is not None
-    if keep_lengths.dim() != 1 or keep_lengths.shape[0] != x.shape[0]:
-        raise ValueError(f"flipkern.fastpath: keep_lengths must be [B] = [{x.shape[0]}], "
-                         f"got shape {tuple(keep_lengths.shape)}")
-    if keep_lengths.numel() and not 0 <= int(keep_lengths.min()) <= int(keep_lengths.max()) <= x.shape[1] - has_cls:
-        raise ValueError(f"flipkern.fastpath: keep_lengths must lie in [0, K={x.shape[1] - has_cls}]")
     lengths = keep_lengths.to(device=x.device, dtype=torch.int64) + int(has_cls)
     packed, cu = pack(x, lengths)
     _composed["vision_attention"] = "varlen (K per sample)"
@@ -147,8 +157,8 @@ def clip_forward(model, images, tokens, ids_keep=None, *, fast=True, keep_length
     Returns the same dict: normalized image_features and text_features,
     logit_scale (exp'ed, clamped) and, for SigLIP, logit_bias.
     """
-    if keep_lengths is not None and ids_keep is None:
-        raise ValueError("flipkern.fastpath: keep_lengths needs ids_keep")
+    if keep_lengths is not None:
+        _check_keep_lengths(keep_lengths, ids_keep)
     if not fast:
         if keep_lengths is None:
             return model(images, tokens, ids_keep=ids_keep)

@@ -13,7 +13,8 @@ share one implementation, which traces under torch.compile like any torch code.
 Value checks (index range, repeated positions) read the indices, so they run
 inside the ops: in C++ for cpu/cuda, in the custom op for triton, and in eager
 mode in front of the reference (under torch.compile the reference relies on
-torch's own index checks).
+torch's own index checks); the Python ones are flipkern._checks', the same
+messages as the C++ ones, and run once per index tensor and version.
 """
 import numbers
 
@@ -28,7 +29,7 @@ ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
 def _reference_value_checks(op, ids_keep, num_tokens, *, unique=False):
     if torch.compiler.is_compiling():
         return
-    _checks.check_index_range(op, ids_keep, num_tokens)
+    _checks.index_range(op, ids_keep, num_tokens)
     if unique:
         _checks.keep_inverse(op, ids_keep, num_tokens)
 
@@ -163,7 +164,7 @@ def _drop_tokens_autograd(backward_op):
 def drop_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor,
                        pos_embed: torch.Tensor | None) -> torch.Tensor:
     from .triton_kernels import masking as tk
-    _checks.check_index_range("drop_tokens", ids_keep, x.shape[1])
+    _checks.index_range("drop_tokens", ids_keep, x.shape[1])
     return tk.drop_tokens(x, ids_keep, pos_embed)
 
 
@@ -171,7 +172,7 @@ def drop_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor,
 def drop_tokens_backward_triton(grad_out: torch.Tensor, ids_keep: torch.Tensor,
                                 num_tokens: int) -> torch.Tensor:
     from .triton_kernels import masking as tk
-    _checks.check_index_range("drop_tokens_backward", ids_keep, num_tokens)
+    _checks.index_range("drop_tokens_backward", ids_keep, num_tokens)
     return tk.drop_tokens_backward(grad_out, ids_keep, num_tokens)
 
 
@@ -241,7 +242,7 @@ def _patch_count(image_shape, patch_size):
 @torch.library.custom_op("flipkern::gather_patches_triton", mutates_args=())
 def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     from .triton_kernels import masking as tk
-    _checks.check_index_range("gather_patches", ids_keep, _patch_count(images.shape, patch_size))
+    _checks.index_range("gather_patches", ids_keep, _patch_count(images.shape, patch_size))
     return tk.gather_patches(images, ids_keep, patch_size)
 
 
@@ -249,7 +250,7 @@ def gather_patches_triton(images: torch.Tensor, ids_keep: torch.Tensor, patch_si
 def gather_patches_backward_triton(grad_out: torch.Tensor, ids_keep: torch.Tensor,
                                    image_shape: list[int], patch_size: int) -> torch.Tensor:
     from .triton_kernels import masking as tk
-    _checks.check_index_range("gather_patches_backward", ids_keep, _patch_count(image_shape, patch_size))
+    _checks.index_range("gather_patches_backward", ids_keep, _patch_count(image_shape, patch_size))
     return tk.gather_patches_backward(grad_out, ids_keep, image_shape, patch_size)
 
 
@@ -325,7 +326,7 @@ def _restore_tokens_autograd(gather_op):
 def restore_tokens_triton(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int,
                           fill: torch.Tensor) -> torch.Tensor:
     from .triton_kernels import masking as tk
-    _checks.check_index_range("restore_tokens", ids_keep, num_tokens)
+    _checks.index_range("restore_tokens", ids_keep, num_tokens)
     inverse = _checks.keep_inverse("restore_tokens", ids_keep, num_tokens)
     return tk.restore_tokens(x_vis, inverse, fill)
 

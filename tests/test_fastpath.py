@@ -247,8 +247,15 @@ def test_bad_arguments_name_themselves():
     ids = keep(cfg, images.shape[0], 0.5)
     with pytest.raises(ValueError, match="keep_lengths"):
         fastpath.clip_forward(model, images, tokens, ids, keep_lengths=torch.ones(3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="keep_lengths"):
-        fastpath.clip_forward(model, images, tokens, ids, keep_lengths=torch.full((6,), 99))
+    for fast in (True, False):
+        with pytest.raises(RuntimeError, match=r"keep_lengths has values in \[99, 99\]"):
+            fastpath.clip_forward(model, images, tokens, ids, fast=fast, keep_lengths=torch.full((6,), 99))
+        # a sample that keeps nothing has no image feature (was zeros fast, NaN reference)
+        with pytest.raises(RuntimeError, match=r"keep_lengths has values in \[0, 8\], outside the valid range \[1, 8\]"):
+            fastpath.clip_forward(model, images, tokens, ids, fast=fast,
+                                  keep_lengths=torch.tensor([0, 8, 7, 2, 8, 3]))
+        with pytest.raises(ValueError, match="keep_lengths must have dtype"):
+            fastpath.clip_forward(model, images, tokens, ids, fast=fast, keep_lengths=torch.full((6,), 2.5))
     with pytest.raises(ValueError, match="keep_lengths needs ids_keep"):
         fastpath.clip_forward(model, images, tokens, None, keep_lengths=torch.ones(6, dtype=torch.int64))
     long_tokens = torch.cat([tokens, tokens], dim=1)
