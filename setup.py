@@ -73,5 +73,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "open_clip_torch"],
     },
-    entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main"]},
+    entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main",
+                                    "flipkern-open-clip-train=flipkern.open_clip_train:main"]},
 )
