@@ -1,0 +1,176 @@
+"""The flipkern open_clip_train command against stock open_clip_train, end to end on CPU.
+
+A tiny open_clip config (a local-dir: model, no weights downloaded) trains 4 steps on a
+CSV of 16 generated images with --force-patch-dropout 0.5, each run in its own process
+(tests/_open_clip_train_run.py records every loss at full precision). Both commands draw
+the same kept patches: the patched vision tower makes PatchDropout's own draw
+(torch.randn(B, N).topk(K) on the default generator, in the same order) and open_clip_train
+seeds that generator the same way, so with --workers 0 (augmentation in the main process)
+the two runs see the same images, captions and masks. Losses follow the tolerance rule:
+flipkern fp32 vs stock float64, bounded by stock fp32's own error.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _tolerance import assert_close_to_reference
+
+pytest.importorskip("open_clip_train.main", reason="open_clip_train needs open_clip_torch[training] "
+                    "(webdataset, pandas)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, "tests", "_open_clip_train_run.py")
+STEPS = 4  # of one process; 2 ranks take 2 steps of 2 x BATCH
+BATCH = 4
+REPORT_MODEL = "(2 of 2 towers on flipkern): visual: flipkern; text: flipkern"
+REPORT_LOSS = "loss ClipLoss (world size {}): loss: flipkern"
+
+
+def _write_tiny_dataset(root):
+    """A tiny open_clip config (16 patches, 16-token context) and a CSV of 16 random images
+    whose captions range from 1 word to longer than the context (truncated at 16 tokens)."""
+    import numpy as np
+    from PIL import Image
+    model_dir = root / "model"
+    model_dir.mkdir()
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    rng = np.random.default_rng(0)
+    words = "a photo of the red green blue small large circle square triangle on textured background".split()
+    rows = ["filepath\ttitle"]
+    for i in range(STEPS * BATCH):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        rows.append(f"{path}\t{' '.join(rng.choice(words, 1 + (i * 7) % 20))}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return f"local-dir:{model_dir}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("open_clip_train")
+    model = _write_tiny_dataset(root)
+    args = ["--train-data", str(root / "train.csv"), "--dataset-type", "csv", "--model", model,
+            "--device", "cpu", "--precision", "fp32", "--batch-size", str(BATCH), "--workers", "0",
+            "--force-patch-dropout", "0.5", "--seed", "0", "--lr", "1e-3", "--warmup", "1",
+            "--log-every-n-steps", "1", "--report-to", "none"]
+    return root, args  # logs go to <root>/logs (the default ./logs of runs in root): torchrun's
+    # own parser refuses a --logs argument (an ambiguous prefix of its --logs-specs)
+
+
+def _env():
+    # one thread per process: the same arithmetic on every machine, and no oversubscription
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _check(proc, what):
+    assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def train(workdir, name, mode, dtype="float32", *extra, ranks=1):
+    """One run of the driver (under torchrun, gloo, when ranks > 1).
+
+    Returns (losses of rank 0 or, with ranks > 1, [losses of each rank], the run's out.log,
+    the console output of all ranks)."""
+    root, args = workdir
+    record = root / f"{name}.json"
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(ranks)]
+    proc = subprocess.run([*launch, DRIVER, str(record), mode, dtype, *args, "--name", name, *extra],
+                          env=_env(), cwd=root, capture_output=True, text=True, timeout=600)
+    _check(proc, f"{mode} {dtype} run {name} on {ranks} rank(s)")
+    losses = [json.loads((root / f"{name}.json.rank{r}").read_text()) for r in range(ranks)]
+    log = (root / "logs" / name / "out.log").read_text()
+    return (losses[0] if ranks == 1 else losses), log, proc.stdout + proc.stderr
+
+
+def checkpoint(workdir, name, epoch=1):
+    return workdir[0] / "logs" / name / "checkpoints" / f"epoch_{epoch}.pt"
+
+
+@pytest.fixture(scope="module")
+def first_epoch(workdir):
+    """One epoch of stock float64 (the reference), stock fp32 and flipkern fp32."""
+    return {name: train(workdir, name, mode, dtype, "--epochs", "1")
+            for name, mode, dtype in (("stock64", "stock", "float64"), ("stock32", "stock", "float32"),
+                                      ("flipkern32", "flipkern", "float32"))}
+
+
+def assert_losses_follow_the_rule(out, ref64, ref_lowp, name, steps=STEPS):
+    """out and ref_lowp: the loss values of flipkern and stock in the same (lower) precision."""
+    assert len(out) == len(ref64) == len(ref_lowp) == steps, (out, ref64, ref_lowp)
+    assert_close_to_reference(torch.tensor(out, dtype=torch.float32), torch.tensor(ref64, dtype=torch.float64),
+                              torch.tensor(ref_lowp, dtype=torch.float32), name=name)
+
+
+def test_flipkern_command_gives_stock_losses_and_logs_its_report(first_epoch):
+    (ref64, _, _), (ref32, stock_log, _), (out, log, _) = (first_epoch[n] for n in ("stock64", "stock32", "flipkern32"))
+    assert_losses_follow_the_rule(out, ref64, ref32, "losses of 4 steps, patch dropout 0.5")
+    assert log.count(REPORT_MODEL) == 1 and log.count(REPORT_LOSS.format(1)) == 1, log[-3000:]
+    assert "flipkern:" not in stock_log
+
+
+def test_amp_bf16_losses(workdir, first_epoch):
+    """--precision amp_bf16 (CPU autocast to bfloat16): flipkern vs stock amp_bf16 and float64."""
+    ref32, _, _ = train(workdir, "stock_amp_bf16", "stock", "float32", "--epochs", "1", "--precision", "amp_bf16")
+    out, _, _ = train(workdir, "flipkern_amp_bf16", "flipkern", "float32", "--epochs", "1", "--precision", "amp_bf16")
+    assert_losses_follow_the_rule(out, first_epoch["stock64"][0], ref32, "amp_bf16 losses")
+
+
+def test_checkpoints_resume_across_the_two_commands(workdir, first_epoch):
+    stock, flip = (torch.load(checkpoint(workdir, n), map_location="cpu") for n in ("stock32", "flipkern32"))
+    assert list(flip["state_dict"]) == list(stock["state_dict"])
+    assert all(flip["state_dict"][k].shape == v.shape for k, v in stock["state_dict"].items())
+    # epoch 2 from stock's checkpoint: flipkern vs stock fp32 and stock float64, all resumed from it
+    resume = ("--epochs", "2", "--resume", str(checkpoint(workdir, "stock32")))
+    ref64, _, _ = train(workdir, "stock64_from_stock", "stock", "float64", *resume)
+    ref32, _, _ = train(workdir, "stock32_from_stock", "stock", "float32", *resume)
+    out, log, _ = train(workdir, "flipkern32_from_stock", "flipkern", "float32", *resume)
+    assert "=> resuming checkpoint" in log and "(epoch 1)" in log
+    assert_losses_follow_the_rule(out, ref64, ref32, "epoch 2 losses, flipkern resumed from stock")
+    # and stock resumes flipkern's checkpoint
+    back, log, _ = train(workdir, "stock32_from_flipkern", "stock", "float32", "--epochs", "2",
+                      "--resume", str(checkpoint(workdir, "flipkern32")))
+    assert "=> resuming checkpoint" in log and len(back) == STEPS and all(map(torch.isfinite, torch.tensor(back)))
+    assert checkpoint(workdir, "stock32_from_flipkern", epoch=2).exists()
+
+
+def test_two_ranks_under_torchrun_gloo(workdir):
+    """2 ranks x batch 4 (2 steps each, accumulated into 1 optimizer step, with gradient
+    checkpointing): the flipkern loss all-gathers over the process group (--local-loss
+    --gather-with-grad, the setting it covers); losses of each rank by the rule."""
+    dist = ("--dist-backend", "gloo", "--local-loss", "--gather-with-grad", "--epochs", "1",
+            "--accum-freq", "2", "--grad-checkpointing")
+    ref64, _, _ = train(workdir, "torchrun_stock64", "stock", "float64", *dist, ranks=2)
+    ref32, _, _ = train(workdir, "torchrun_stock32", "stock", "float32", *dist, ranks=2)
+    out, log, console = train(workdir, "torchrun_flipkern32", "flipkern", "float32", *dist, ranks=2)
+    for rank in range(2):
+        assert_losses_follow_the_rule(out[rank], ref64[rank], ref32[rank], f"rank {rank}", steps=STEPS // 2)
+    assert "total 2" in log  # open_clip_train's own "Running in distributed mode ... total 2"
+    # rank 0 only: once in the log and once on the console of both ranks together
+    for text in (log, console):
+        assert text.count(REPORT_MODEL) == 1 and text.count(REPORT_LOSS.format(2)) == 1, text[-3000:]
+    assert checkpoint(workdir, "torchrun_flipkern32").exists()
+
+
+def test_install_fails_loudly_when_open_clip_train_moved(monkeypatch):
+    import open_clip_train.main as train_main
+    from flipkern import open_clip_train
+    monkeypatch.delattr(train_main, "create_loss")
+    with pytest.raises(RuntimeError, match="no longer uses create_loss"):
+        open_clip_train.install()
+
+
+def test_the_benchmark_reads_the_samples_per_second_open_clip_train_logs(first_epoch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_open_clip_train import samples_per_s
+    for name, (_, log, _) in first_epoch.items():
+        values = samples_per_s(log)
+        assert len(values) == STEPS and all(v > 0 for v in values), (name, values)
