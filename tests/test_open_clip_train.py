@@ -174,3 +174,27 @@ def test_the_benchmark_reads_the_samples_per_second_open_clip_train_logs(first_e
     for name, (_, log, _) in first_epoch.items():
         values = samples_per_s(log)
         assert len(values) == STEPS and all(v > 0 for v in values), (name, values)
+
+
+def test_uncovered_parts_run_stock_and_are_reported(caplog):
+    """What the patch does not cover is logged as stock open_clip with the reason, never an error."""
+    import argparse
+    import logging
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIP
+    from flipkern.open_clip_train import _patched_loss_factory, _patched_model_factory
+    caplog.set_level(logging.INFO)
+    model = CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=64, head_width=32, image_size=32, patch_size=8,
+                                               attentional_pool=True),
+                 text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=2, layers=1))
+    create = _patched_model_factory(lambda name, *a, **k: (model, "train", "val"))
+    assert create("tiny-attn-pool") == (model, "train", "val")
+    assert create("tiny-jit", jit=True)[0] is model
+    # a 2-rank ClipLoss without local_loss and gather_with_grad: open_clip's own loss math
+    loss = _patched_loss_factory(lambda args: ClipLoss(rank=0, world_size=2))(argparse.Namespace(world_size=2))
+    assert "forward" not in vars(loss)
+    assert ("model 'tiny-attn-pool' (1 of 2 towers on flipkern): visual: stock open_clip "
+            "(attentional pooling is not covered); text: flipkern") in caplog.text
+    assert "model 'tiny-jit': stock open_clip (a TorchScript model (--torchscript) is not patched)" in caplog.text
+    assert ("loss ClipLoss (world size 2): loss: stock open_clip (a multi-rank ClipLoss needs "
+            "local_loss=True and gather_with_grad=True)") in caplog.text
