@@ -27,7 +27,7 @@ DRIVER = os.path.join(ROOT, "tests", "_open_clip_train_run.py")
 STEPS = 4  # of one process; 2 ranks take 2 steps of 2 x BATCH
 BATCH = 4
 REPORT_MODEL = "(2 of 2 towers on flipkern): visual: flipkern; text: flipkern"
-REPORT_LOSS = "loss ClipLoss (world size {}): loss: flipkern"
+REPORT_LOSS = "loss {} (world size {}): loss: flipkern"
 
 
 def _write_tiny_dataset(root):
@@ -59,7 +59,7 @@ def workdir(tmp_path_factory):
     args = ["--train-data", str(root / "train.csv"), "--dataset-type", "csv", "--model", model,
             "--device", "cpu", "--precision", "fp32", "--batch-size", str(BATCH), "--workers", "0",
             "--force-patch-dropout", "0.5", "--seed", "0", "--lr", "1e-3", "--warmup", "1",
-            "--log-every-n-steps", "1", "--report-to", "none"]
+            "--log-every-n-steps", "1", "--report-to", "none", "--val-data", str(root / "train.csv")]
     return root, args  # logs go to <root>/logs (the default ./logs of runs in root): torchrun's
     # own parser refuses a --logs argument (an ambiguous prefix of its --logs-specs)
 
@@ -113,8 +113,20 @@ def assert_losses_follow_the_rule(out, ref64, ref_lowp, name, steps=STEPS):
 def test_flipkern_command_gives_stock_losses_and_logs_its_report(first_epoch):
     (ref64, _, _), (ref32, stock_log, _), (out, log, _) = (first_epoch[n] for n in ("stock64", "stock32", "flipkern32"))
     assert_losses_follow_the_rule(out, ref64, ref32, "losses of 4 steps, patch dropout 0.5")
-    assert log.count(REPORT_MODEL) == 1 and log.count(REPORT_LOSS.format(1)) == 1, log[-3000:]
+    assert log.count(REPORT_MODEL) == 1 and log.count(REPORT_LOSS.format("ClipLoss", 1)) == 1, log[-3000:]
     assert "flipkern:" not in stock_log
+    # open_clip_train's validation after the epoch, on the patched model in eval mode (no dropout)
+    val, stock_val = (_val_metrics(text) for text in (log, stock_log))
+    assert val.keys() == stock_val.keys() and "clip_val_loss" in val
+    for k in val:  # the log rounds to 4 decimals: equal within that, plus fp32 slack
+        assert abs(val[k] - stock_val[k]) <= 1.5e-4 * max(1.0, abs(stock_val[k])), (k, val[k], stock_val[k])
+
+
+def _val_metrics(log):
+    """open_clip_train's final 'Eval Epoch: N name: value<TAB>...' line as {name: value}."""
+    line = [line for line in log.splitlines() if "Eval Epoch:" in line and "clip_val_loss" in line][-1]
+    items = line.split("Eval Epoch: ", 1)[1].split(" ", 1)[1].split("\t")
+    return {k: float(v) for k, v in (item.split(": ") for item in items)}
 
 
 def test_amp_bf16_losses(workdir, first_epoch):
@@ -142,22 +154,31 @@ def test_checkpoints_resume_across_the_two_commands(workdir, first_epoch):
     assert checkpoint(workdir, "stock32_from_flipkern", epoch=2).exists()
 
 
-def test_two_ranks_under_torchrun_gloo(workdir):
-    """2 ranks x batch 4 (2 steps each, accumulated into 1 optimizer step, with gradient
-    checkpointing): the flipkern loss all-gathers over the process group (--local-loss
-    --gather-with-grad, the setting it covers); losses of each rank by the rule."""
-    dist = ("--dist-backend", "gloo", "--local-loss", "--gather-with-grad", "--epochs", "1",
-            "--accum-freq", "2", "--grad-checkpointing")
-    ref64, _, _ = train(workdir, "torchrun_stock64", "stock", "float64", *dist, ranks=2)
-    ref32, _, _ = train(workdir, "torchrun_stock32", "stock", "float32", *dist, ranks=2)
-    out, log, console = train(workdir, "torchrun_flipkern32", "flipkern", "float32", *dist, ranks=2)
+TORCHRUN_CASES = {
+    # ClipLoss in the setting the flipkern loss covers, 2 steps per rank accumulated into one
+    # optimizer step, with gradient checkpointing
+    "clip": ("--local-loss", "--gather-with-grad", "--accum-freq", "2", "--grad-checkpointing"),
+    # SigLipLoss: open_clip exchanges texts between neighbour ranks, flipkern all-gathers them
+    "siglip": ("--siglip",),
+}
+
+
+@pytest.mark.parametrize("case", list(TORCHRUN_CASES))
+def test_two_ranks_under_torchrun_gloo(workdir, case):
+    """2 ranks x batch 4 (2 steps each): the flipkern loss runs over the process group;
+    the losses of each rank by the rule, the report logged once."""
+    dist = ("--dist-backend", "gloo", "--epochs", "1", *TORCHRUN_CASES[case])
+    ref64, _, _ = train(workdir, f"torchrun_{case}_stock64", "stock", "float64", *dist, ranks=2)
+    ref32, _, _ = train(workdir, f"torchrun_{case}_stock32", "stock", "float32", *dist, ranks=2)
+    out, log, console = train(workdir, f"torchrun_{case}_flipkern32", "flipkern", "float32", *dist, ranks=2)
     for rank in range(2):
-        assert_losses_follow_the_rule(out[rank], ref64[rank], ref32[rank], f"rank {rank}", steps=STEPS // 2)
+        assert_losses_follow_the_rule(out[rank], ref64[rank], ref32[rank], f"{case} rank {rank}", steps=STEPS // 2)
     assert "total 2" in log  # open_clip_train's own "Running in distributed mode ... total 2"
     # rank 0 only: once in the log and once on the console of both ranks together
+    report_loss = REPORT_LOSS.format("SigLipLoss" if case == "siglip" else "ClipLoss", 2)
     for text in (log, console):
-        assert text.count(REPORT_MODEL) == 1 and text.count(REPORT_LOSS.format(2)) == 1, text[-3000:]
-    assert checkpoint(workdir, "torchrun_flipkern32").exists()
+        assert text.count(REPORT_MODEL) == 1 and text.count(report_loss) == 1, text[-3000:]
+    assert checkpoint(workdir, f"torchrun_{case}_flipkern32").exists()
 
 
 def test_install_fails_loudly_when_open_clip_train_moved(monkeypatch):
