@@ -32,10 +32,14 @@ def _train_main_module():
         import open_clip_train.main as train_main
     except ImportError as e:
         raise ImportError(f"flipkern.open_clip_train: open_clip_train is not importable ({e}); "
-                          "pip install open_clip_torch (it ships open_clip_train)") from None
+                          "pip install 'open_clip_torch[training]' (open_clip_train and its data "
+                          "dependencies)") from None
     moved = [name for name in HOOKS + ("main",) if not callable(getattr(train_main, name, None))]
-    if not moved:
+    try:
         source = inspect.getsource(train_main.main)
+    except OSError:  # installed without sources: the names are all that can be checked
+        source = None
+    if not moved and source is not None:
         moved = [name for name in HOOKS if f"{name}(" not in source]
     if moved:
         raise RuntimeError(
