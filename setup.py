@@ -71,7 +71,11 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "numpy", "tqdm", "pillow", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "open_clip_torch"],
+        # webdataset and pandas: what open_clip_train (in the open_clip_torch wheel) imports
+        # for its data; its [training] extra would also pull in transformers
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "open_clip_torch",
+                 "webdataset>=0.2.5,<=0.2.86", "pandas"],
     },
-    entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main"]},
+    entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main",
+                                    "flipkern-open-clip-train=flipkern.open_clip_train:main"]},
 )
