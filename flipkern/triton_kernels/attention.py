@@ -23,9 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import acc_type, dot_precision, interpreter_upcast, mm
+from .. import _checks
+from ._tiles import acc_type, dot_precision, gpu_tiles, interpreter_upcast, launcher, mm
 
 LOG2E = 1.4426950408889634
+# The largest head dim: the tiles of the next BLOCK_D (512) need more shared memory than
+# any GPU gives a block, whatever the dtype (fp32 dQ at Dh 512 with 32 x 32 tiles:
+# 262,144 B, vs 232,448 B on H100 and 166,912 B on A100); tests/test_triton_aot.py
+# compiles every tile up to Dh 256 for sm_80 and sm_90 and checks it fits.
+MAX_HEAD_DIM = 256
 
 
 def _block_d(Dh):
@@ -37,7 +43,7 @@ def _blocks(Dh, dtype, device, backward=False):
 
     Sized so that the tiles fit in shared memory on sm_80 (164 KiB) for Dh up to 256.
     """
-    if device.type != "cuda":  # the interpreter: the smallest tiles tl.dot takes
+    if not gpu_tiles(device):  # the interpreter: the smallest tiles tl.dot takes
         return 16, 16, 1, 1
     size = dtype.itemsize
     if size <= 2:  # bf16 / fp16 on tensor cores
@@ -65,11 +71,13 @@ def _program_block(CU, num_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, num_m_blocks, Dh,
+def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale: tl.float64, num_m_blocks, Dh,
                 sqt, sqh, skt, skh, svt, svh, sot, soh, sl_h,
                 CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     h, start, L, m0 = _program_block(CU, num_m_blocks, BLOCK_M)
+    if ACC != tl.float64:  # the scale arrives as fp64 (annotation): fp64 kernels keep every bit
+        qk_scale = tl.cast(qk_scale, ACC)
     if m0 < L:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -126,12 +134,14 @@ def _bwd_delta_kernel(O, DO, DELTA, total, Dh, sot, soh, sgt, sgh, sd_h,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n_blocks, Dh,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale: tl.float64, scale: tl.float64, num_n_blocks, Dh,
                      sqt, sqh, skt, skh, svt, svh, sgt, sgh, sl_h, sdkt, sdkh, sdvt, sdvh,
                      CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, key block, head): dK, dV of its keys over all queries.
     h, start, L, n0 = _program_block(CU, num_n_blocks, BLOCK_N)
+    if ACC != tl.float64:  # the scales arrive as fp64 (annotation): fp64 kernels keep every bit
+        qk_scale, scale = tl.cast(qk_scale, ACC), tl.cast(scale, ACC)
     if n0 < L:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -173,12 +183,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_blocks, Dh,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale: tl.float64, scale: tl.float64, num_m_blocks, Dh,
                    sqt, sqh, skt, skh, svt, svh, sgt, sgh, sl_h, sdqt, sdqh,
                    CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, query block, head): dQ of its queries over all keys.
     h, start, L, m0 = _program_block(CU, num_m_blocks, BLOCK_M)
+    if ACC != tl.float64:  # the scales arrive as fp64 (annotation): fp64 kernels keep every bit
+        qk_scale, scale = tl.cast(qk_scale, ACC), tl.cast(scale, ACC)
     if m0 < L:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -214,6 +226,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_block
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+def _check_head_dim(op, Dh):
+    if Dh > MAX_HEAD_DIM:
+        _checks.fail(op, f"q has head dim Dh = {Dh}, but the triton backend supports Dh <= {MAX_HEAD_DIM} "
+                         f"(larger tiles need more shared memory than a GPU gives a thread block); "
+                         f"split the heads or use backend 'reference'")
+
+
 def _unit_last(t):
     return t if t.stride(2) == 1 else t.contiguous()
 
@@ -222,8 +241,10 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@launcher("varlen_attention")
 def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
+    _check_head_dim("varlen_attention", Dh)
     B = cu_seqlens.shape[0] - 1
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     out = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
@@ -242,8 +263,10 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     return out, lse
 
 
+@launcher("varlen_attention_backward")
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
+    _check_head_dim("varlen_attention_backward", Dh)
     B = cu_seqlens.shape[0] - 1
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     dq = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
@@ -255,7 +278,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, ca
     grad_out, out, lse = _unit_last(grad_out), _unit_last(out), lse.contiguous()
     acc, prec, BD = acc_type(q.dtype), dot_precision(q.dtype), _block_d(Dh)
     delta = torch.empty_like(lse)
-    DM = 16 if q.device.type != "cuda" else 64
+    DM = 64 if gpu_tiles(q.device) else 16
     _bwd_delta_kernel[(triton.cdiv(total, DM), H)](
         out, grad_out, delta, total, Dh, out.stride(0), out.stride(1),
         grad_out.stride(0), grad_out.stride(1), delta.stride(0),
