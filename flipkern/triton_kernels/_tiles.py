@@ -24,7 +24,9 @@ def dot_precision(dtype):
     # FMA (the dropped lo*lo term is ~2**-22 relative) and several times faster; plain
     # TF32 (2**-11) would break the tolerance rule. fp64: full fp64 FMA (no tensor cores
     # for fp64 in Triton). bf16/fp16: the target's default (tensor cores).
-    return "ieee" if dtype in (torch.float32, torch.float64) else None
+    if dtype == torch.float32:
+        return "tf32x3"
+    return "ieee" if dtype == torch.float64 else None
 
 
 def interpreter_upcast(x):

@@ -14,10 +14,12 @@ the scores); only lse is kept for the backward. Backward: delta = rowsum(dO * O)
 the query blocks, and one program per query block accumulating dQ over the key
 blocks: every output element has one writer, no atomics.
 
-Products take the input dtype (bf16/fp16 on tensor cores, fp32 and fp64 in full
-precision: input_precision="ieee", no TF32) and accumulate in fp32 (fp64 for
-fp64); the probabilities are rounded to the input dtype before the P @ V and
-dS @ K products, as in flash-attention.
+Products take the input dtype (bf16/fp16 on tensor cores; fp32 as tf32x3 on tensor
+cores, as accurate as fp32 FMA; fp64 in full precision: _tiles.dot_precision) and
+accumulate in fp32 (fp64 for fp64); the probabilities are rounded to the input dtype
+before the P @ V and dS @ K products, as in flash-attention. The softmax scale is an
+fp64 kernel argument (Triton would pass a plain Python float as fp32), cast to the
+accumulation type in the kernel. Head dims up to MAX_HEAD_DIM.
 """
 import torch
 import triton
@@ -50,10 +52,12 @@ def _blocks(Dh, dtype, device, backward=False):
         if backward:
             return (64, 64, 4, 2) if Dh <= 128 else (32, 32, 4, 1)
         return (128, 64, 4 if Dh <= 64 else 8, 2) if Dh <= 128 else (64, 32, 4, 1)
-    if size == 4:  # fp32, full precision
+    if size == 4:  # fp32 as tf32x3: a TF32 head and remainder of every operand double its
+        # registers, so the tiles are small; ptxas spills at most a few hundred bytes with these
+        # (before, FMA dots with 64 x 32 tiles spilled 16 KB at Dh 128; test_triton_aot.py)
         if backward:
-            return (32, 32, 4, 1)
-        return (64, 32, 4, 2) if Dh <= 128 else (32, 32, 4, 1)
+            return (16, 32, 4, 1) if Dh <= 128 else (16, 16, 4, 1)
+        return (32, 32, 4, 2) if Dh <= 128 else (16, 16, 4, 1)
     return (32, 32, 4, 1) if Dh <= 64 else (16, 16, 4, 1)  # fp64
 
 

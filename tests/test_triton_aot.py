@@ -1,0 +1,77 @@
+"""Every Triton kernel compiled ahead of time for sm_80 and sm_90, as a GPU run would
+compile it (flipkern/triton_kernels/aot.py: the launchers' GPU tiles for every dtype and
+tile choice, Triton's launch-time specialization), with no GPU: a tile or register
+regression fails here, on a CPU.
+
+Bounds:
+- shared memory per block within the architecture's opt-in limit (aot.SHARED_LIMIT:
+  163 KiB on sm_80, 227 KiB on sm_90), else the launch fails on that GPU;
+- no register spills (0 bytes of spill stores per thread) for the 16-bit and fp32
+  kernels: a spill goes to local memory (the L1/L2-cached DRAM) inside the inner loop
+  and costs the speed these kernels exist for; ptxas -v reports 0 for every one of them
+  today. fp64 kernels may spill up to FP64_SPILL_BOUND bytes: fp64 is the exactness path
+  (its tiles are sized for shared memory and correctness, not speed; a GPU's fp64
+  throughput is 1/2 to 1/64 of fp32 anyway), and the bound still catches a tile that
+  blows up.
+
+The compiles run without TRITON_INTERPRET (interpreted kernels cannot compile), one
+subprocess per architecture, side by side.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+from flipkern.triton_kernels import aot  # noqa: E402
+
+ARCHS = (80, 90)
+FP64_SPILL_BOUND = 4096
+KERNELS = {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",  # attention
+           "_bwd_rows_kernel", "_bwd_cols_kernel",  # losses (their _fwd_kernel shares the name)
+           "_drop_tokens_fwd", "_drop_tokens_bwd", "_gather_patches_fwd", "_gather_patches_bwd",
+           "_restore_tokens_fwd"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, "-m", "flipkern.triton_kernels.aot", "--arch", str(arch)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in ARCHS]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, err[-3000:]
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return rows
+
+
+def _label(row):
+    return (f"sm_{row['arch']} {row['kernel']} {row['dtype']} ({row['variant']}, warps {row['num_warps']}, "
+            f"{ {k: v for k, v in row.items() if k.startswith('BLOCK')} })")
+
+
+def test_every_kernel_compiles_for_every_arch_and_dtype(compiled):
+    for arch in ARCHS:
+        got = {(r["kernel"], r["dtype"]) for r in compiled if r["arch"] == arch}
+        for dtype in ("fp16", "bf16", "fp32", "fp64"):
+            assert KERNELS <= {k for k, d in got if d == dtype}, (arch, dtype, sorted(got))
+
+
+def test_shared_memory_fits_the_arch(compiled):
+    over = [f"{_label(r)}: {r['shared']} B > {aot.SHARED_LIMIT[r['arch']]} B" for r in compiled
+            if r["shared"] > aot.SHARED_LIMIT[r["arch"]]]
+    assert not over, "\n".join(over)
+
+
+def test_no_register_spills(compiled):
+    def bound(row):
+        return FP64_SPILL_BOUND if row["dtype"] == "fp64" else 0
+    over = [f"{_label(r)}: {r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads "
+            f"({r['registers']} registers) > {bound(r)} B" for r in compiled if r["spill_stores"] > bound(r)]
+    assert not over, "\n".join(over)
