@@ -9,7 +9,7 @@ marked `tt.divisibility=16`, ints equal to 1 made constexpr, exactly as Triton d
 at launch) and stops it before it compiles or runs. compile_launch() then compiles
 the recorded launch through ptxas and reads its log.
 
-    python -m flipkern.triton_kernels.aot [--arch 80 90] [--only NAME]   (one JSON row a kernel)
+    python -m flipkern.triton_kernels.aot [--arch 80 90] [--dtypes ...] [--only NAME]   (a JSON row a kernel)
 """
 import contextlib
 import io
@@ -148,12 +148,12 @@ def _masking(dtype, D):
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def variants():
+def variants(dtypes=DTYPES):
     """(name, run) for every dtype and tile choice the launchers make: attention (causal:
     the full-attention kernels are the same tiles without the mask) at Dh 256, 128 and
     64, where its tile brackets end; the losses with D blocks of 256 (8 warps) and 128
     (4 warps); the masking kernels at their widest block."""
-    for dtype in DTYPES:
+    for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         for Dh in (256, 128, 64):
             yield f"attention-{name}-Dh{Dh}", lambda d=dtype, h=Dh: _attention(d, h, True)
@@ -162,12 +162,12 @@ def variants():
         yield f"masking-{name}", lambda d=dtype: _masking(d, 768)
 
 
-def compile_all(arch, only=None):
+def compile_all(arch, only=None, dtypes=DTYPES):
     """Yield one row per distinct kernel of every variant. Variants go from the widest head
     dim down, and a kernel whose tiles and warps match one already compiled except for a
     narrower BLOCK_D is skipped: the wider one bounds its registers and shared memory."""
     seen = set()
-    for name, run in variants():
+    for name, run in variants(dtypes):
         if only and only not in name:
             continue
         with recorded_launches(arch) as launches:
@@ -187,9 +187,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--only", default=None, help="variants whose name contains this")
+    parser.add_argument("--dtypes", nargs="+", default=[str(d).removeprefix("torch.") for d in DTYPES])
     args = parser.parse_args(argv)
+    dtypes = [getattr(torch, name) for name in args.dtypes]
     for arch in args.arch:
-        for row in compile_all(arch, args.only):
+        for row in compile_all(arch, args.only, dtypes):
             print(json.dumps(row), flush=True)
 
 
