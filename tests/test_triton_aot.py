@@ -79,3 +79,10 @@ def test_register_spills_within_bound(compiled):
     over = [f"{_label(r)}: {r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads "
             f"({r['registers']} registers) > {SPILL_BOUND} B" for r in compiled if r["spill_stores"] > SPILL_BOUND]
     assert not over, "\n".join(over)
+
+
+def test_attention_scale_is_an_fp64_argument(compiled):
+    # Triton passes a plain Python float as fp32, which would round the fp64 kernels' scale.
+    scales = {(r["kernel"], r["dtype"]): r["float_args"] for r in compiled if "qk_scale" in r["float_args"]}
+    assert {k for k, _ in scales} == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    assert all(set(args.values()) == {"fp64"} for args in scales.values()), scales

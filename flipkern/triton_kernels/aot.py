@@ -102,8 +102,9 @@ def _describe(launch):
     consts = {launch["fn"].arg_names[path[0]]: value for path, value in launch["constants"].items()}
     tiles = {k: str(v) for k, v in consts.items() if k.isupper() and k != "UPCAST"}
     ptr = next(t for t in launch["signature"].values() if t.startswith("*"))
+    floats = {k: t for k, t in launch["signature"].items() if t.startswith(("fp", "bf"))}  # scalar args
     return dict(kernel=launch["fn"].__name__, dtype=ptr[1:], num_warps=launch["options"]["num_warps"],
-                num_stages=launch["options"]["num_stages"], **tiles)
+                num_stages=launch["options"]["num_stages"], float_args=floats, **tiles)
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -174,7 +175,7 @@ def compile_all(arch, only=None, dtypes=DTYPES):
             run()
         for launch in launches:
             row = _describe(launch)
-            key = str({k: v for k, v in row.items() if k != "BLOCK_D"})
+            key = str({k: v for k, v in row.items() if k not in ("BLOCK_D", "float_args")})
             if key in seen:
                 continue
             seen.add(key)
