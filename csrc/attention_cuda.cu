@@ -220,7 +220,7 @@ at::ScalarType lse_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 
 void check_cuda_shape(const at::Tensor& q, const char* op) {
   TORCH_CHECK(q.size(2) <= kMaxHeadDim, "flipkern.", op, ": the CUDA kernel takes head dims up to ",
-              kMaxHeadDim, ", q has Dh = ", q.size(2), " (the triton backend has no such limit)");
+              kMaxHeadDim, ", q has Dh = ", q.size(2), " (the triton backend takes up to 256 too)");
   TORCH_CHECK(q.size(1) <= 65535, "flipkern.", op, ": the CUDA kernel takes at most 65535 heads, got ",
               q.size(1));
 }

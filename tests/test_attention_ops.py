@@ -3,11 +3,8 @@
 The Triton kernels run in the interpreter (TRITON_INTERPRET=1) on CPU tensors, which
 is slow: their cases keep total tokens <= 64, H <= 2, Dh 16/32.
 """
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -139,62 +136,29 @@ def test_varlen_attention_saves_no_score_matrix(backend, causal):
     assert sorted(saved) == sorted([(total, 2, 16)] * 4 + [(2, total), (len(lengths) + 1,)]), saved
 
 
-# Shared memory per thread block on sm_80 (A100), the smallest of the GPUs the tiles target.
-SM80_SHARED_BYTES = 166912
+# The GPU tile sizes in the interpreter (the other Triton cases use its small 16 x 16
+# tiles): one case per dtype and tile bracket of attention._blocks, with sequences longer
+# than a block so the block loops and the masked tails run. Ahead-of-time compiles of
+# the same tiles: test_triton_aot.py.
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton backend not usable here")
+@pytest.mark.parametrize("dtype,Dh", [(torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256),
+                                      (torch.float32, 128), (torch.float32, 256), (torch.float64, 64),
+                                      (torch.float64, 128)])
+def test_triton_gpu_tile_sizes(dtype, Dh):
+    from flipkern.triton_kernels._tiles import gpu_tile_sizes
+    with gpu_tile_sizes():
+        _check_against_reference("triton", [0, 1, 70, 130], 1, Dh, dtype, True)
 
 
-def _compile_gpu_tiles(dtype_name, Dh):
-    """Compile the forward and backward kernels ahead of time for sm_80 with the tiles
-    they get on a GPU -> {kernel name: shared memory bytes}. Needs compiled (not
-    interpreted) Triton functions: run without TRITON_INTERPRET."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from flipkern.triton_kernels import attention as tk
-    dtype = getattr(torch, dtype_name)
-    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    stats_ptrs = {"LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32"}
-    shared = {}
-    for kernel, backward in ((tk._fwd_kernel, False), (tk._bwd_dkdv_kernel, True), (tk._bwd_dq_kernel, True)):
-        BM, BN, warps, stages = tk._blocks(Dh, dtype, torch.device("cuda"), backward=backward)
-        consts = dict(CAUSAL=True, ACC=tk.acc_type(dtype), PREC=tk.dot_precision(dtype), UPCAST=False,
-                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=tk._block_d(Dh))
-        signature = {}
-        for name in kernel.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name in stats_ptrs:
-                signature[name] = stats_ptrs[name]
-            elif name.isupper():  # Q, K, V, O, DO, DQ, DK, DV: tensors of the input dtype
-                signature[name] = f"*{elem}"
-            else:
-                signature[name] = "fp32" if "scale" in name else "i32"
-        src = ASTSource(fn=kernel, signature=signature,
-                        constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-        compiled = triton_compile(src, target=GPUTarget("cuda", 80, 32),
-                                  options=dict(num_warps=warps, num_stages=stages))
-        shared[kernel.fn.__name__] = compiled.metadata.shared
-    return shared
-
-
-@pytest.mark.parametrize("dtype_name,Dh", [("bfloat16", 128), ("float32", 256)])
-def test_triton_gpu_tiles_compile_for_sm80(dtype_name, Dh):
-    # The GPU tile sizes (which the interpreter never uses) compile for sm_80 and fit in
-    # its shared memory; no GPU needed. The two cases hold the largest tiles: the bf16
-    # forward at Dh <= 128 and the fp32 backward at Dh = 256. In a subprocess without
-    # TRITON_INTERPRET, whose kernels are interpreted functions that cannot compile.
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import json, sys; sys.path.insert(0, {here!r}); import test_attention_ops as t; "
-            f"print(json.dumps(t._compile_gpu_tiles({dtype_name!r}, {Dh})))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    shared = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(shared) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
-    for name, nbytes in shared.items():
-        assert 0 < nbytes <= SM80_SHARED_BYTES, (name, nbytes)
+def test_triton_head_dim_limit():
+    # Tiles for Dh > 256 need more shared memory than a GPU gives a block: a clear error
+    # before anything launches (the interpreter included).
+    if "triton" not in KERNELS:
+        pytest.skip("triton backend not usable here")
+    from flipkern.triton_kernels.attention import MAX_HEAD_DIM
+    q, k, v = _qkv(4, 1, MAX_HEAD_DIM + 1, torch.float32)
+    with fk.use_backend("triton"), pytest.raises(ValueError, match=r"q has head dim Dh = 257.*Dh <= 256"):
+        fk.varlen_attention(q, k, v, _cu([4]), 4)
 
 
 @pytest.mark.parametrize("causal", [False, True])

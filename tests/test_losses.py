@@ -113,6 +113,17 @@ def test_low_precision(backend, name, dtype):
     _check_against_reference(backend, name, dtype, B, D, 32)
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="triton backend not usable here")
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 80), (torch.float32, 300), (torch.float64, 40)])
+def test_triton_gpu_tile_sizes(name, dtype, D):
+    # The GPU tile sizes (64 x 64 tiles, D blocks of 128/256) in the interpreter, with
+    # more rows than a tile and more columns than one split (_splits) would take.
+    from flipkern.triton_kernels._tiles import gpu_tile_sizes
+    with gpu_tile_sizes():
+        _check_against_reference("triton", name, dtype, 150, D, None)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("name", LOSSES)

@@ -14,18 +14,26 @@ the scores); only lse is kept for the backward. Backward: delta = rowsum(dO * O)
 the query blocks, and one program per query block accumulating dQ over the key
 blocks: every output element has one writer, no atomics.
 
-Products take the input dtype (bf16/fp16 on tensor cores, fp32 and fp64 in full
-precision: input_precision="ieee", no TF32) and accumulate in fp32 (fp64 for
-fp64); the probabilities are rounded to the input dtype before the P @ V and
-dS @ K products, as in flash-attention.
+Products take the input dtype (bf16/fp16 on tensor cores; fp32 as tf32x3 on tensor
+cores, as accurate as fp32 FMA; fp64 in full precision: _tiles.dot_precision) and
+accumulate in fp32 (fp64 for fp64); the probabilities are rounded to the input dtype
+before the P @ V and dS @ K products, as in flash-attention. The softmax scale is an
+fp64 kernel argument (Triton would pass a plain Python float as fp32), cast to the
+accumulation type in the kernel. Head dims up to MAX_HEAD_DIM.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import acc_type, dot_precision, interpreter_upcast, mm
+from .. import _checks
+from ._tiles import acc_type, dot_precision, gpu_tiles, interpreter_upcast, launcher, mm
 
 LOG2E = 1.4426950408889634
+# The largest head dim: the tiles of the next BLOCK_D (512) need more shared memory than
+# any GPU gives a block, whatever the dtype (fp32 dQ at Dh 512 with 32 x 32 tiles:
+# 262,144 B, vs 232,448 B on H100 and 166,912 B on A100); tests/test_triton_aot.py
+# compiles every tile up to Dh 256 for sm_80 and sm_90 and checks it fits.
+MAX_HEAD_DIM = 256
 
 
 def _block_d(Dh):
@@ -37,17 +45,19 @@ def _blocks(Dh, dtype, device, backward=False):
 
     Sized so that the tiles fit in shared memory on sm_80 (164 KiB) for Dh up to 256.
     """
-    if device.type != "cuda":  # the interpreter: the smallest tiles tl.dot takes
+    if not gpu_tiles(device):  # the interpreter: the smallest tiles tl.dot takes
         return 16, 16, 1, 1
     size = dtype.itemsize
     if size <= 2:  # bf16 / fp16 on tensor cores
         if backward:
             return (64, 64, 4, 2) if Dh <= 128 else (32, 32, 4, 1)
         return (128, 64, 4 if Dh <= 64 else 8, 2) if Dh <= 128 else (64, 32, 4, 1)
-    if size == 4:  # fp32, full precision
+    if size == 4:  # fp32 as tf32x3: a TF32 head and remainder of every operand double its
+        # registers, so the tiles are small; ptxas spills at most a few hundred bytes with these
+        # (before, FMA dots with 64 x 32 tiles spilled 16 KB at Dh 128; test_triton_aot.py)
         if backward:
-            return (32, 32, 4, 1)
-        return (64, 32, 4, 2) if Dh <= 128 else (32, 32, 4, 1)
+            return (16, 32, 4, 1) if Dh <= 128 else (16, 16, 4, 1)
+        return (32, 32, 4, 2) if Dh <= 128 else (16, 16, 4, 1)
     return (32, 32, 4, 1) if Dh <= 64 else (16, 16, 4, 1)  # fp64
 
 
@@ -65,11 +75,13 @@ def _program_block(CU, num_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale, num_m_blocks, Dh,
+def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale: tl.float64, num_m_blocks, Dh,
                 sqt, sqh, skt, skh, svt, svh, sot, soh, sl_h,
                 CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     h, start, L, m0 = _program_block(CU, num_m_blocks, BLOCK_M)
+    if ACC != tl.float64:  # the scale arrives as fp64 (annotation): fp64 kernels keep every bit
+        qk_scale = tl.cast(qk_scale, ACC)
     if m0 < L:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -126,12 +138,14 @@ def _bwd_delta_kernel(O, DO, DELTA, total, Dh, sot, soh, sgt, sgh, sd_h,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n_blocks, Dh,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale: tl.float64, scale: tl.float64, num_n_blocks, Dh,
                      sqt, sqh, skt, skh, svt, svh, sgt, sgh, sl_h, sdkt, sdkh, sdvt, sdvh,
                      CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, key block, head): dK, dV of its keys over all queries.
     h, start, L, n0 = _program_block(CU, num_n_blocks, BLOCK_N)
+    if ACC != tl.float64:  # the scales arrive as fp64 (annotation): fp64 kernels keep every bit
+        qk_scale, scale = tl.cast(qk_scale, ACC), tl.cast(scale, ACC)
     if n0 < L:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
@@ -173,12 +187,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, scale, num_n
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_blocks, Dh,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale: tl.float64, scale: tl.float64, num_m_blocks, Dh,
                    sqt, sqh, skt, skh, svt, svh, sgt, sgh, sl_h, sdqt, sdqh,
                    CAUSAL: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (sequence, query block, head): dQ of its queries over all keys.
     h, start, L, m0 = _program_block(CU, num_m_blocks, BLOCK_M)
+    if ACC != tl.float64:  # the scales arrive as fp64 (annotation): fp64 kernels keep every bit
+        qk_scale, scale = tl.cast(qk_scale, ACC), tl.cast(scale, ACC)
     if m0 < L:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -214,6 +230,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, scale, num_m_block
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+def _check_head_dim(op, Dh):
+    if Dh > MAX_HEAD_DIM:
+        _checks.fail(op, f"q has head dim Dh = {Dh}, but the triton backend supports Dh <= {MAX_HEAD_DIM} "
+                         f"(larger tiles need more shared memory than a GPU gives a thread block); "
+                         f"split the heads or use backend 'reference'")
+
+
 def _unit_last(t):
     return t if t.stride(2) == 1 else t.contiguous()
 
@@ -222,8 +245,10 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@launcher("varlen_attention")
 def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
+    _check_head_dim("varlen_attention", Dh)
     B = cu_seqlens.shape[0] - 1
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     out = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
@@ -242,8 +267,10 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     return out, lse
 
 
+@launcher("varlen_attention_backward")
 def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
+    _check_head_dim("varlen_attention_backward", Dh)
     B = cu_seqlens.shape[0] - 1
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     dq = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
@@ -255,7 +282,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, ca
     grad_out, out, lse = _unit_last(grad_out), _unit_last(out), lse.contiguous()
     acc, prec, BD = acc_type(q.dtype), dot_precision(q.dtype), _block_d(Dh)
     delta = torch.empty_like(lse)
-    DM = 16 if q.device.type != "cuda" else 64
+    DM = 64 if gpu_tiles(q.device) else 16
     _bwd_delta_kernel[(triton.cdiv(total, DM), H)](
         out, grad_out, delta, total, Dh, out.stride(0), out.stride(1),
         grad_out.stride(0), grad_out.stride(1), delta.stride(0),

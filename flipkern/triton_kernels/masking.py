@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import acc_type
+from ._tiles import acc_type, launcher
 
 
 def _block_d(D):
@@ -15,7 +15,7 @@ def _drop_tokens_fwd(x_ptr, ids_ptr, pos_ptr, out_ptr, K, D,
                      sxb, sxn, sxd, sib, sik, spn, spd,
                      HAS_POS: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     # program (row = b * K + k, block of D): out[b, k, :] = x[b, n, :] + pos[n, :], n = ids[b, k]
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * D and b * (sample stride) may pass 2**31
     b = row // K
     k = row - b * K
     n = tl.load(ids_ptr + b * sib + k * sik)
@@ -32,7 +32,7 @@ def _drop_tokens_bwd(g_ptr, ids_ptr, dx_ptr, K, N, D, sgb, sgk, sgd, sib, sik,
                      ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     # program (b, block of D) walks the K kept rows of sample b in order: repeated
     # indices accumulate without atomics.
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * (sample stride) may pass 2**31
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = d < D
     for k in range(0, K):
@@ -61,7 +61,7 @@ def _patch_offsets(n, e, p, grid_w, sc, sh, sw):
 def _gather_patches_fwd(img_ptr, ids_ptr, out_ptr, K, E, p, grid_w, sib_img, sc, sh, sw, sib, sik,
                         BLOCK: tl.constexpr):
     # program (row = b * K + k, block of E): out[b, k, e] = the e-th value of patch ids[b, k]
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * D and b * (sample stride) may pass 2**31
     b = row // K
     k = row - b * K
     n = tl.load(ids_ptr + b * sib + k * sik)
@@ -76,7 +76,7 @@ def _gather_patches_bwd(g_ptr, ids_ptr, dimg_ptr, K, E, p, grid_w, sib_img, sc, 
                         sgb, sgk, sge, sib, sik, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # program (b, block of E) walks the K kept patches of sample b in order: a repeated
     # patch accumulates without atomics.
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * (sample stride) may pass 2**31
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = e < E
     for k in range(0, K):
@@ -92,7 +92,7 @@ def _restore_tokens_fwd(x_ptr, inv_ptr, fill_ptr, out_ptr, N, D, sxb, sxk, sxd, 
                         BLOCK_D: tl.constexpr):
     # program (row = b * N + n, block of D): x[b, inv[b, n]] where a kept token owns the
     # position (inv >= 0), else fill
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * D and b * (sample stride) may pass 2**31
     b = row // N
     k = tl.load(inv_ptr + row)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -104,6 +104,7 @@ def _restore_tokens_fwd(x_ptr, inv_ptr, fill_ptr, out_ptr, N, D, sxb, sxk, sxd, 
     tl.store(out_ptr + row * D + d, v, mask=mask)
 
 
+@launcher("drop_tokens")
 def drop_tokens(x, ids_keep, pos_embed):
     B, N, D = x.shape
     K = ids_keep.shape[1]
@@ -120,6 +121,7 @@ def drop_tokens(x, ids_keep, pos_embed):
     return out
 
 
+@launcher("drop_tokens_backward")
 def drop_tokens_backward(grad, ids_keep, num_tokens):
     B, K, D = grad.shape
     dx = torch.zeros((B, num_tokens, D), dtype=grad.dtype, device=grad.device)
@@ -132,6 +134,7 @@ def drop_tokens_backward(grad, ids_keep, num_tokens):
     return dx
 
 
+@launcher("gather_patches")
 def gather_patches(images, ids_keep, patch_size):
     B, C, H, W = images.shape
     K, p = ids_keep.shape[1], patch_size
@@ -145,6 +148,7 @@ def gather_patches(images, ids_keep, patch_size):
     return out
 
 
+@launcher("gather_patches_backward")
 def gather_patches_backward(grad, ids_keep, image_shape, patch_size):
     B, C, H, W = image_shape
     K, p = ids_keep.shape[1], patch_size
@@ -159,6 +163,7 @@ def gather_patches_backward(grad, ids_keep, image_shape, patch_size):
     return dimages
 
 
+@launcher("restore_tokens")
 def restore_tokens(x_vis, inverse, fill):
     """inverse: int64 [B, N], the k that owns each position or -1 (flipkern._checks.keep_inverse)."""
     B, K, D = x_vis.shape
