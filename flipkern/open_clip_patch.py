@@ -159,7 +159,22 @@ def _encode_text(model, text, normalize=False):
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def _uncovered_custom_text(text):
+    """Why a separate text tower (``model.text``: CustomTextCLIP, CoCa) is left as it is."""
+    from open_clip.transformer import TextTransformer
+    if type(text) is not TextTransformer:
+        return f"text tower {type(text).__name__} is not open_clip's TextTransformer"
+    if text.attn_mask is None and not text.use_pad_mask:
+        # SigLIP's text: every position, padding included, is a key of every query, and pool
+        # type 'last' pools the last position (padding unless the caption fills the context)
+        return (f"bidirectional text without a pad mask (pool type {text.pool_type!r}): the padding takes part "
+                "in the attention, so packing it away would change the output")
+    return "a separate TextTransformer text tower is not covered (only open_clip's CLIP text is)"
+
+
 def _patch_text(model):
+    if isinstance(getattr(model, "text", None), torch.nn.Module):
+        return _uncovered_custom_text(model.text)
     if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
         return f"{type(model).__name__} keeps its text tower elsewhere (only open_clip's CLIP is covered)"
     if model.text_pool_type not in ("argmax", "eos"):

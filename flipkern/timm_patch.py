@@ -100,8 +100,8 @@ def _uncovered_patch_embed(model):
         return "the patch embedding is not a square stride-p convolution"
     if not _is_identity(pe.norm) or not pe.flatten or pe.dynamic_img_pad or model.dynamic_img_size:
         return "a patch-embedding norm, dynamic image size or padding is not covered"
-    if pe.img_size is None or pe.img_size[0] % p[0] or pe.img_size[1] % p[1]:
-        return "an image size the patch size does not divide"
+    if pe.img_size is None:
+        return "a patch embedding without a fixed image size is not covered"
     return None
 
 
@@ -147,6 +147,10 @@ def _embed(model, images, ids_keep):
     if images.dim() != 4 or (H, W) != tuple(pe.img_size):
         raise ValueError(f"flipkern.apply_to_timm: images must be [B, C, {pe.img_size[0]}, {pe.img_size[1]}], "
                          f"got shape {tuple(images.shape)}")
+    gh, gw = pe.grid_size
+    p = pe.patch_size[0]
+    if (H, W) != (gh * p, gw * p):  # a stride-p conv without padding never reads the rows and columns past the grid
+        images = images[..., :gh * p, :gw * p].contiguous()
     P = model.num_prefix_tokens
     pos = None if model.pos_embed is None else model.pos_embed[0]
     shared_pos = pos is not None and not model.no_embed_class  # pos_embed has rows for the prefix tokens

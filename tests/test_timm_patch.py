@@ -28,14 +28,16 @@ TOWERS = {
                     init_values=0.1),
     "nopos-avg-ordered": dict(name="vit_base_patch16_224", class_token=False, global_pool="avg",
                               pos_embed="none", pre_norm=True),
+    # 7 px patches on 32 px images, as SigLIP's 14 px patches on 384 px: the conv skips the last 4 px
+    "siglip-uneven-grid": dict(name="vit_base_patch16_siglip_224", patch_size=7),
 }
 
 
 def tower(kind, patch_drop=0.5, dtype=torch.float64, **over):
     torch.manual_seed(0)
-    kw = dict(TOWERS[kind], **over)
+    kw = dict(dict(patch_size=8), **TOWERS[kind], **over)
     m = timm.create_model(kw.pop("name"), pretrained=False, depth=2, embed_dim=64, num_heads=2, img_size=32,
-                          patch_size=8, patch_drop_rate=patch_drop, num_classes=10, **kw)
+                          patch_drop_rate=patch_drop, num_classes=10, **kw)
     if kind.endswith("ordered") and patch_drop:
         m.patch_drop.ordered = True
     with torch.no_grad():  # timm inits the biases, cls/reg tokens and layer scales to constants: make them count
