@@ -143,13 +143,12 @@ def keep_indices(model, images):
 def _embed(model, images, ids_keep):
     """Prefix tokens + the kept patches' embeddings, position added, norm_pre: [B, P + K, D]."""
     pe = model.patch_embed
-    H, W = images.shape[-2:]
-    if images.dim() != 4 or (H, W) != tuple(pe.img_size):
+    if images.dim() != 4 or tuple(images.shape[-2:]) != tuple(pe.img_size):
         raise ValueError(f"flipkern.apply_to_timm: images must be [B, C, {pe.img_size[0]}, {pe.img_size[1]}], "
                          f"got shape {tuple(images.shape)}")
     gh, gw = pe.grid_size
     p = pe.patch_size[0]
-    if (H, W) != (gh * p, gw * p):  # a stride-p conv without padding never reads the rows and columns past the grid
+    if tuple(images.shape[-2:]) != (gh * p, gw * p):  # a stride-p conv without padding never reads the rows and columns past the grid
         images = images[..., :gh * p, :gw * p].contiguous()
     P = model.num_prefix_tokens
     pos = None if model.pos_embed is None else model.pos_embed[0]

@@ -216,6 +216,8 @@ def test_bad_input_names_the_argument():
     patched = patched_copy(tower("siglip-map", 0.0))
     with pytest.raises(ValueError, match="images"):
         patched(torch.randn(2, 3, 48, 48, dtype=torch.float64))
+    with pytest.raises(ValueError, match="images"):
+        flipkern.forward_with_keep(patched, torch.randn(3, 32, 32, dtype=torch.float64), torch.zeros(3, 1).long())
     x = images(B=2)
     ids = torch.arange(8).expand(2, 8)
     with pytest.raises(ValueError, match="ids_keep"):
