@@ -36,6 +36,7 @@ from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask,
                         varlen_attention)
 from . import fastpath  # noqa: E402
 from .open_clip_patch import apply_to_open_clip  # noqa: E402
+from .timm_patch import apply_to_timm, forward_with_keep  # noqa: E402
 
 
 def info():
@@ -48,4 +49,4 @@ __all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens", "
            "restore_tokens", "topk_keep_indices",
            "clip_loss", "siglip_loss",
            "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask",
-           "fastpath", "apply_to_open_clip"]
+           "fastpath", "apply_to_open_clip", "apply_to_timm", "forward_with_keep"]

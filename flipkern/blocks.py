@@ -21,6 +21,7 @@ Only attention differs between the two layouts, so it is the one argument
 """
 from typing import Callable, NamedTuple, Optional
 
+import torch
 import torch.nn.functional as F
 
 from .attention import varlen_attention
@@ -140,6 +141,19 @@ def packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal=False):
     return block_forward(block, x_packed, attend)
 
 
+def run_blocks(blocks, block_fn, x, *args, checkpointing=False):
+    """x = block_fn(block, x, *args) for each block; with ``checkpointing`` (a model's
+    grad_checkpointing flag) each block's activations are recomputed in the backward."""
+    if checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        for b in blocks:
+            x = checkpoint(block_fn, b, x, *args, use_reentrant=False)
+        return x
+    for b in blocks:
+        x = block_fn(b, x, *args)
+    return x
+
+
 def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False):
     """A stack of blocks (an iterable, e.g. nn.ModuleList) on packed tokens."""
     for block in blocks:
@@ -149,4 +163,4 @@ def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False
 
 __all__ = ["BlockParts", "register_block_adapter", "block_parts", "reference_block_parts", "block_forward",
            "dense_attention", "packed_attention", "dense_block_forward", "packed_block_forward",
-           "packed_blocks_forward"]
+           "packed_blocks_forward", "run_blocks"]

@@ -45,7 +45,8 @@ def backends_used():
 
 def patch_embed(images, ids_keep, weight, bias, pos_embed):
     """A stride-p Conv2d patch embedding (weight [width, C, p, p], bias [width] or None)
-    plus the position embedding pos_embed [N, width], on the kept patches only: [B, K, width].
+    plus the position embedding pos_embed [N, width] (or None: no position embedding),
+    on the kept patches only: [B, K, width].
 
     Equals conv -> flatten -> + pos_embed -> keep ids_keep (all patches when
     None) without computing the dropped patches.
@@ -53,15 +54,19 @@ def patch_embed(images, ids_keep, weight, bias, pos_embed):
     width, p = weight.shape[0], weight.shape[-1]
     if ids_keep is None:
         patches = ref_masking.patchify(images, p)
-        pos = pos_embed.expand(images.shape[0], -1, -1)
+        pos = None if pos_embed is None else pos_embed.expand(images.shape[0], -1, -1)
     else:
         patches = gather_patches(images, ids_keep, p)
-        pos = F.embedding(ids_keep, pos_embed)
-    start = pos if bias is None else pos + bias
+        pos = None if pos_embed is None else F.embedding(ids_keep, pos_embed)
     B, K, _ = patches.shape
-    # one GEMM that accumulates onto position + bias: no separate pass for the adds;
     # the (C, p, p) patch order is the order a Conv2d weight flattens in
-    x = torch.addmm(start.reshape(B * K, width), patches.reshape(B * K, -1), weight.reshape(width, -1).t())
+    w = weight.reshape(width, -1).t()
+    if pos is None:
+        x = patches.reshape(B * K, -1) @ w if bias is None else torch.addmm(bias, patches.reshape(B * K, -1), w)
+        return x.view(B, K, width)
+    start = pos if bias is None else pos + bias
+    # one GEMM that accumulates onto position + bias: no separate pass for the adds
+    x = torch.addmm(start.reshape(B * K, width), patches.reshape(B * K, -1), w)
     return x.view(B, K, width)
 
 

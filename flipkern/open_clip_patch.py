@@ -10,6 +10,8 @@ methods compute, through instance attributes that shadow the class's methods:
   open_clip), but the patches are gathered *before* the embedding
   (flipkern.gather_patches + one GEMM with conv1's weight, position add fused),
   and the blocks run fused attention over the kept tokens.
+- ``model.visual`` an open_clip TimmModel (SigLIP, EVA-CLIP, ...): its timm trunk
+  through flipkern.apply_to_timm.
 - ``model.encode_text`` (open_clip's CLIP): captions are packed without the
   padding after their end-of-text token and run through causal varlen
   attention; only the pooled token goes through ln_final and the projection.
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 
 from . import fastpath
 from .attention import pack
-from .blocks import BlockParts, dense_block_forward, packed_block_forward, register_block_adapter
+from .blocks import BlockParts, dense_block_forward, packed_block_forward, register_block_adapter, run_blocks
 from .losses import clip_loss, siglip_loss
+from .timm_patch import apply_to_timm
 
 
 def _uncovered_blocks(transformer):
@@ -83,14 +86,7 @@ register_block_adapter("open_clip.transformer.ResidualAttentionBlock", _block_pa
 
 
 def _run_blocks(transformer, block_fn, x, *args):
-    if transformer.grad_checkpointing and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-        for b in transformer.resblocks:
-            x = checkpoint(block_fn, b, x, *args, use_reentrant=False)
-        return x
-    for b in transformer.resblocks:
-        x = block_fn(b, x, *args)
-    return x
+    return run_blocks(transformer.resblocks, block_fn, x, *args, checkpointing=transformer.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------- vision
@@ -124,7 +120,10 @@ def _visual_forward(visual, x):
 
 
 def _patch_visual(visual):
+    from open_clip.timm_model import TimmModel
     from open_clip.transformer import PatchDropout, VisionTransformer
+    if type(visual) is TimmModel:  # its trunk is a timm model; the head stays open_clip's
+        return apply_to_timm(visual.trunk)
     if type(visual) is not VisionTransformer:
         return f"visual is {type(visual).__name__}, not open_clip's VisionTransformer"
     if visual.attn_pool is not None:
@@ -161,7 +160,22 @@ def _encode_text(model, text, normalize=False):
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def _uncovered_custom_text(text):
+    """Why a separate text tower (``model.text``: CustomTextCLIP, CoCa) is left as it is."""
+    from open_clip.transformer import TextTransformer
+    if type(text) is not TextTransformer:
+        return f"text tower {type(text).__name__} is not open_clip's TextTransformer"
+    if text.attn_mask is None and not text.use_pad_mask:
+        # SigLIP's text: every position, padding included, is a key of every query, and pool
+        # type 'last' pools the last position (padding unless the caption fills the context)
+        return (f"bidirectional text without a pad mask (pool type {text.pool_type!r}): the padding takes part "
+                "in the attention, so packing it away would change the output")
+    return "a separate TextTransformer text tower is not covered (only open_clip's CLIP text is)"
+
+
 def _patch_text(model):
+    if isinstance(getattr(model, "text", None), torch.nn.Module):
+        return _uncovered_custom_text(model.text)
     if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
         return f"{type(model).__name__} keeps its text tower elsewhere (only open_clip's CLIP is covered)"
     if model.text_pool_type not in ("argmax", "eos"):

@@ -1,0 +1,111 @@
+"""open_clip SigLIP training-step throughput: flipkern.apply_to_open_clip vs stock open_clip.
+
+One training step = forward (open_clip's own ``model(images, text)``), SigLipLoss,
+backward, AdamW step, on ViT-B-16-SigLIP (timm vit_base_patch16_siglip_224
+image tower, width 768, 224 px, 16 px patches; its 64-token bidirectional text
+tower, width 768) with both towers cut to --layers layers so that a step fits
+this CPU. Captions have ~16 real tokens padded to 64 with the pad id, as
+SigLIP's tokenizer writes them (the stock text tower attends over all 64, and so
+does the patched model: packing them away would change SigLIP's output, see
+apply_to_open_clip's report).
+
+  stock     open_clip as users run it: timm's PatchDropout (conv over every patch,
+            then the draw), timm's blocks with fused SDPA, open_clip's SigLipLoss.
+  flipkern  the same model after flipkern.apply_to_open_clip(model, loss):
+            kept patches gathered before the embedding, the one block forward
+            with SDPA over the kept tokens, flipkern.siglip_loss.
+
+Each (path, patch dropout) runs in its own spawned process; both draw the same
+kept patches. img/s from process CPU time (steadier than the wall clock on a
+shared machine with --threads 1) and from the wall clock.
+
+    python benchmarks/bench_open_clip_timm.py --json benchmarks/results/open_clip_siglip_cpu.json
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+import torch
+
+PATHS = ("stock", "flipkern")
+
+
+def measure(path, patch_dropout, args):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import open_clip_coverage
+    import flipkern
+    from open_clip.loss import SigLipLoss
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(0)
+    model = open_clip_coverage.build_cut(args["model"], values=True, layers=args["layers"],
+                                         force_patch_dropout=patch_dropout).train()
+    loss = SigLipLoss()
+    report = flipkern.apply_to_open_clip(model, loss=loss) if path == "flipkern" else None
+    B, ctx = args["batch"], model.text.context_length
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(B, 3, 224, 224, generator=g)
+    text = torch.zeros(B, ctx, dtype=torch.int64)  # pad id 0 after ~16 real tokens
+    text[:, :args["caption_tokens"]] = torch.randint(1, 1000, (B, args["caption_tokens"]), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(i):
+        torch.manual_seed(100 + i)  # the same kept patches on both paths
+        img, txt, scale, bias = model(images, text)
+        opt.zero_grad(set_to_none=True)
+        loss(img, txt, scale, bias).backward()
+        opt.step()
+
+    for i in range(args["warmup"]):
+        step(i)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i in range(args["steps"]):
+        step(args["warmup"] + i)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    n = B * args["steps"]
+    return dict(path=path, patch_dropout=patch_dropout, img_per_s_cpu=n / cpu, img_per_s_wall=n / wall,
+                report=report, threads=torch.get_num_threads())
+
+
+def _in_child(path, pd, args):
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(measure, path, pd, args).result()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="ViT-B-16-SigLIP")
+    p.add_argument("--layers", type=int, default=2, help="layers of each tower (the config's depth cut)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--caption-tokens", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--patch-dropout", type=float, nargs="+", default=[0.5, 0.75])
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    args = dict(model=a.model, layers=a.layers, batch=a.batch, caption_tokens=a.caption_tokens, steps=a.steps,
+                warmup=a.warmup, threads=a.threads)
+    results = []
+    for pd in a.patch_dropout:
+        for path in PATHS:
+            r = _in_child(path, pd, args)
+            results.append(r)
+            print(f"{a.model} layers={a.layers} patch_dropout={pd} {path:9s} "
+                  f"{r['img_per_s_cpu']:7.2f} img/s (CPU time)  {r['img_per_s_wall']:7.2f} img/s (wall)", flush=True)
+    for pd in a.patch_dropout:
+        s, f = (next(r for r in results if r["path"] == q and r["patch_dropout"] == pd) for q in PATHS)
+        print(f"patch_dropout={pd}: flipkern / stock = {f['img_per_s_cpu'] / s['img_per_s_cpu']:.2f}x (CPU time)")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"command": "python " + " ".join(sys.argv), "args": args, "torch": torch.__version__,
+                       "machine": platform.processor() or platform.machine(), "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
