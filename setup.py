@@ -59,23 +59,11 @@ except ImportError:
     print("flipkern setup: torch not importable at build time; the extension will be "
           "compiled on first use", file=sys.stderr)
 
+# Metadata, dependencies and console scripts are in pyproject.toml; here only what needs
+# code: the extension and the package layout (reference/ installs as flipkern.reference).
 setup(
-    name="flipkern",
-    version="0.1.0",
-    description="Kernels for FLIP-style CLIP pretraining: token dropping, varlen attention, "
-                "chunked contrastive loss",
-    python_requires=">=3.10",
     packages=find_packages(include=["flipkern", "flipkern.*"]) + ["flipkern.reference"],
     package_dir={"flipkern.reference": "reference"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.6", "numpy", "tqdm", "pillow", "matplotlib"],
-    extras_require={
-        # webdataset and pandas: what open_clip_train (in the open_clip_torch wheel) imports
-        # for its data; its [training] extra would also pull in transformers
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "open_clip_torch",
-                 "webdataset>=0.2.5,<=0.2.86", "pandas"],
-    },
-    entry_points={"console_scripts": ["flipkern-pretrain=flipkern.pretrain.cli:main",
-                                    "flipkern-open-clip-train=flipkern.open_clip_train:main"]},
 )
