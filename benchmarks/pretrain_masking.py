@@ -16,6 +16,10 @@ could run in the same time), measured from the equal-step runs.
 
     python benchmarks/pretrain_masking.py --steps 600 --seeds 0 1 \\
         --json benchmarks/results/pretrain_masking.json
+
+--runs-dir DIR keeps each run's output directory there and reuses a run whose
+summary.json is already there (a benchmark stopped half-way resumes; runs
+launched in batches are collected into one JSON).
 """
 import concurrent.futures as cf
 import argparse
@@ -37,13 +41,15 @@ def arms(mae_weight):
 
 
 def run_one(flags, steps, seed, mask_ratio, out_dir, unmasked_tune_steps, threads):
-    """One pretraining process; its summary, masked-step time and command."""
+    """One pretraining process (unless out_dir holds its finished run); its summary,
+    masked-step time and command."""
     cmd = [sys.executable, "-m", "flipkern.pretrain", "--steps", str(steps), "--seed", str(seed),
            "--mask-ratio", str(mask_ratio), "--unmasked-tune-steps", str(unmasked_tune_steps),
            "--threads", str(threads),
            "--output-dir", out_dir, "--no-plot", "--no-progress", "--checkpoint-every", "0", *flags]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if not os.path.exists(os.path.join(out_dir, "summary.json")):
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     summary = json.load(open(os.path.join(out_dir, "summary.json")))
     records = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     batch = json.load(open(os.path.join(out_dir, "config.json")))["args"]["batch_size"]
@@ -75,6 +81,9 @@ def main():
     ap.add_argument("--mae-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
+    ap.add_argument("--runs-dir", default=None, help="keep (and reuse) the runs here; default: a temporary dir")
+    ap.add_argument("--no-equal-time", dest="equal_time", action="store_false", default=True,
+                    help="only the equal-step runs")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     tune = args.steps // 5  # the pretraining default: the last fifth unmasked, for every arm alike
@@ -84,6 +93,7 @@ def main():
                    command=" ".join(["python"] + sys.argv), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                    equal_steps={}, equal_time={})
     with tempfile.TemporaryDirectory() as tmp, cf.ThreadPoolExecutor(args.parallel) as pool:
+        tmp = args.runs_dir or tmp
         def run_arms(specs):
             """specs: {key: (flags, steps, unmasked tune steps)} -> {key: dict(runs, mean)}, every
             seed of every arm; the arms of one seed are submitted together."""
@@ -101,6 +111,8 @@ def main():
 
         results["equal_steps"] = run_arms({name: (flags, args.steps, tune)
                                            for name, flags in arms(args.mae_weight).items()})
+        if not args.equal_time:
+            return _write(results, args.json)
         base = results["equal_steps"]["random"]["mean"]["train_s"]
         ratios = {name: results["equal_steps"][name]["mean"]["train_s"] / base for name in ("attentive", "clip+mae")}
         results["equal_time"] = run_arms({
@@ -108,10 +120,14 @@ def main():
             for name, r in ratios.items()})
         for name, r in ratios.items():
             results["equal_time"][f"random, the time of {name}"]["time_ratio"] = r
+    _write(results, args.json)
+
+
+def _write(results, path):
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["load_avg_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps({k: {a: v["mean"] for a, v in results[k].items()} for k in ("equal_steps", "equal_time")},
                      indent=2))
