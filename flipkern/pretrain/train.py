@@ -6,7 +6,9 @@ dict (or raises DataError / CLIError for unusable input, NonFiniteLoss when the
 loss blows up and --skip-nonfinite is off). It reads top to bottom as its steps:
 ``build`` (everything a run is made of), ``restore`` (a checkpoint, if any),
 ``train`` (the loop: ``train_step`` per optimizer step, ``evaluate_now`` and
-``save_checkpoint`` between steps), then ``summarize``.
+``save_checkpoint`` between steps), then ``summarize``. Which patches a masked
+step keeps is its masking mode (masking_modes: random, attentive); what it
+optimizes, its objective (objectives: CLIP, + MAE, MAE alone).
 
 Reproducibility: model init is seeded by --seed; the data order and every
 sample's kept patches are functions of (seed, step, position in the global
