@@ -192,8 +192,10 @@ def test_bad_args_exit_2_naming_the_argument(tmp_path, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_resuming_a_random_run_with_attentive_masking_says_why_not(tmp_path, capsys):
+@pytest.mark.parametrize("first, then", [([], ["--masking", "attentive"]), (["--mae-weight", "1"], []),
+                                         ([], ["--mae-weight", "1"])])
+def test_resuming_another_mode_or_objective_says_why_not(tmp_path, capsys, first, then):
     out = str(tmp_path / "o")
-    assert main(MICRO_ARGS + ["--steps", "2", "--no-eval", "--output-dir", out]) == 0
-    assert main(MICRO_ARGS + ["--steps", "3", "--no-eval", "--output-dir", out, "--masking", "attentive"]) == 2
-    assert "does not fit this run's" in capsys.readouterr().err
+    assert main(MICRO_ARGS + ["--steps", "2", "--no-eval", "--output-dir", out, *first]) == 0
+    assert main(MICRO_ARGS + ["--steps", "3", "--no-eval", "--output-dir", out, *then]) == 2
+    assert "does not fit this run's --objective/--mae-weight/--masking" in capsys.readouterr().err

@@ -253,17 +253,12 @@ def restore(run):
         state = ckpt.load(path, map_location=run.di.device)
     except RuntimeError as e:
         raise CLIError(str(e)) from None
+    _restore_masking_and_decoder(run, state, path)
     run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
-    try:
-        if run.decoder is not None:
-            run.decoder.load_state_dict(state["mae_decoder"])
-        run.masking.load_state_dict(state.get("ema"))
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise CLIError(f"checkpoint {path} does not fit this run's --objective/--mae-weight/--masking: {e}") from None
     ckpt.set_rng_state(state.get("rng"))
     step = int(state["step"])
     if state.get("data_step") != step * run.args.accum_steps:
@@ -271,6 +266,20 @@ def restore(run):
     _print(run.di, f"{PROG}: resumed from {path} at step {step}")
     run.metrics.truncate_after(step)
     return LoopState(start_step=step, step=step, skipped_nonfinite=int(state.get("skipped_nonfinite", 0)))
+
+
+def _restore_masking_and_decoder(run, state, path):
+    """The EMA tower and the MAE decoder of a checkpoint; first, so that a checkpoint of
+    another masking mode or objective fails with the arguments to fix, not inside
+    the optimizer's state."""
+    try:
+        if (state.get("mae_decoder") is None) != (run.decoder is None):
+            raise ValueError("one has an MAE decoder, the other not")
+        if run.decoder is not None:
+            run.decoder.load_state_dict(state["mae_decoder"])
+        run.masking.load_state_dict(state.get("ema"))
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"checkpoint {path} does not fit this run's --objective/--mae-weight/--masking: {e}") from None
 
 
 # ----------------------------------------------------------------------------- one step
