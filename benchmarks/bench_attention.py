@@ -14,7 +14,7 @@ lengths), at B=32 and B=128. Baselines:
 Image cases: equal lengths L=50 and L=99 (ViT-B/16 at 224px keeping 25% / 50% of 196
 patches, plus the class token), B=64, no mask: padding costs nothing here, so this
 measures the kernel itself against SDPA's own fused kernel (and nested SDPA).
-Timings exclude packing: a packed model (flipkern/packed.py) keeps tokens packed
+Timings exclude packing: a packed model (flipkern/blocks.py) keeps tokens packed
 through every layer, and the padded model keeps them padded. ``flops`` is the useful
 work (flops.attention_flops: real tokens only, causal = the triangle) for every impl,
 so TFLOP/s compare directly.

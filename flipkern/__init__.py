@@ -15,9 +15,14 @@ def _alias_reference():
     # reference/ sits at the top of the repository and is installed as flipkern.reference
     # (setup.py package_dir). In a source checkout, flipkern/ has no reference/ inside it:
     # load the top-level folder under the installed name so imports are the same either way.
-    if "flipkern.reference" in _sys.modules or _ilu.find_spec(".reference", __name__) is not None:
+    # The checkout's own reference/ wins over an editable install's mapping of the name,
+    # which points at the checkout that was installed (another worktree's, say).
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.join(_os.path.dirname(here), "reference")
+    if "flipkern.reference" in _sys.modules or _os.path.isdir(_os.path.join(here, "reference")):
         return
-    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "reference")
+    if not _os.path.isfile(_os.path.join(root, "__init__.py")):
+        return  # installed as a package: the import system finds it
     spec = _ilu.spec_from_file_location("flipkern.reference", _os.path.join(root, "__init__.py"),
                                         submodule_search_locations=[root])
     module = _ilu.module_from_spec(spec)

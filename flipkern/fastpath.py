@@ -15,6 +15,8 @@ Text tower: captions are packed without padding (length = first eot + 1), the
 causal blocks run on the packed tokens with varlen attention, and only each
 caption's last token goes through ln_final and the projection.
 Loss: the chunked all-gather ``clip_loss`` / ``siglip_loss``.
+MAE reconstruction (``mae_loss``): restore_tokens, dense decoder blocks, and the
+prediction head and targets on the removed patches only.
 
 Every flipkern op picks its backend itself (backends.select): an op with no
 kernel usable here (no C++ extension, no GPU) runs its reference
@@ -28,8 +30,9 @@ from . import _checks, backends
 from .attention import pack
 from .blocks import dense_block_forward, packed_blocks_forward
 from .losses import clip_loss, siglip_loss
-from .masking import gather_patches
+from .masking import drop_tokens, gather_patches, restore_tokens
 from .reference import clip as refclip
+from .reference import mae as ref_mae
 from .reference import masking as ref_masking
 from .reference.text import eot_positions
 
@@ -78,6 +81,27 @@ def _segment_mean(x, cu_seqlens, lengths):
     return sums / lengths.clamp(min=1).to(x.dtype)[:, None]
 
 
+def _embed(visual, images, ids_keep):
+    _composed["patch_embed"] = "gather_patches + GEMM on kept patches (position add fused)"
+    return visual.with_cls(patch_embed(images, ids_keep, visual.patch_embed.weight, visual.patch_embed.bias,
+                                       visual.pos_embed))
+
+
+def encode_image_tokens(visual, images, ids_keep=None):
+    """The reference VisionTransformer's forward_tokens on the fast path: the tokens after
+    the last block, [B, (1 +) K, width], every sample keeping the same K."""
+    x = _embed(visual, images, ids_keep)
+    _composed["vision_attention"] = "sdpa (dense, K shared by the batch)"
+    for block in visual.blocks:
+        x = dense_block_forward(block, x)
+    return x
+
+
+def vision_tokens(visual, images, ids_keep=None, *, fast=True):
+    """``visual.forward_tokens(images, ids_keep)``, on the fast path when ``fast``."""
+    return encode_image_tokens(visual, images, ids_keep) if fast else visual.forward_tokens(images, ids_keep)
+
+
 def encode_image(visual, images, ids_keep=None, keep_lengths=None):
     """The reference VisionTransformer's forward on the fast path: [B, C, H, W] -> [B, output_dim].
 
@@ -86,14 +110,9 @@ def encode_image(visual, images, ids_keep=None, keep_lengths=None):
     """
     if keep_lengths is not None:
         _check_keep_lengths(keep_lengths, ids_keep)
-    x = visual.with_cls(patch_embed(images, ids_keep, visual.patch_embed.weight, visual.patch_embed.bias,
-                                    visual.pos_embed))
     if keep_lengths is None:
-        _composed["vision_attention"] = "sdpa (dense, K shared by the batch)"
-        for block in visual.blocks:
-            x = dense_block_forward(block, x)
-        return visual.pool(x)
-    return _encode_image_varlen(visual, x, keep_lengths)
+        return visual.pool(encode_image_tokens(visual, images, ids_keep))
+    return _encode_image_varlen(visual, _embed(visual, images, ids_keep), keep_lengths)
 
 
 def _check_keep_lengths(keep_lengths, ids_keep):
@@ -156,22 +175,50 @@ def encode_text(text, tokens):
 
 # ----------------------------------------------------------------------------- CLIP
 
-def clip_forward(model, images, tokens, ids_keep=None, *, fast=True, keep_lengths=None):
+def clip_forward(model, images, tokens, ids_keep=None, *, fast=True, keep_lengths=None, image_tokens=False):
     """``model(images, tokens, ids_keep)`` (a reference CLIP), on the fast path when ``fast``.
 
     Returns the same dict: normalized image_features and text_features,
-    logit_scale (exp'ed, clamped) and, for SigLIP, logit_bias.
+    logit_scale (exp'ed, clamped) and, for SigLIP, logit_bias; with ``image_tokens``
+    also the vision tower's tokens after its last block (``visual.forward_tokens``,
+    what an MAE decoder reads), which needs a K shared by the batch.
     """
     if keep_lengths is not None:
         _check_keep_lengths(keep_lengths, ids_keep)
+    if keep_lengths is not None and image_tokens:
+        raise ValueError("flipkern.fastpath: image_tokens needs a K shared by the batch (no keep_lengths)")
+    if keep_lengths is not None:
+        if not fast:
+            img = reference_encode_image_varlen(model.visual, images, ids_keep, keep_lengths)
+            return model.head(img, model.text(tokens))
+        return model.head(encode_image(model.visual, images, ids_keep, keep_lengths), encode_text(model.text, tokens))
+    x = vision_tokens(model.visual, images, ids_keep, fast=fast)
+    out = model.head(model.visual.pool(x), encode_text(model.text, tokens) if fast else model.text(tokens))
+    if image_tokens:
+        out["image_tokens"] = x
+    return out
+
+
+def mae_loss(decoder, visual, x, images, ids_keep, *, fast=True):
+    """MAE's reconstruction loss (flipkern.reference.mae) of ``decoder`` (a reference
+    MAEDecoder) from the vision tower's tokens x = ``vision_tokens(visual, images,
+    ids_keep)``, on the fast path when ``fast``: restore_tokens puts the visible tokens
+    back among mask tokens, the decoder blocks run dense SDPA, and only the removed
+    patches go through the norm and prediction head (drop_tokens) and are read as
+    targets (gather_patches); the reference predicts every patch and masks the loss.
+    """
+    encoded = visual.patch_tokens(x)
+    p = visual.cfg.patch_size
     if not fast:
-        if keep_lengths is None:
-            return model(images, tokens, ids_keep=ids_keep)
-        img = reference_encode_image_varlen(model.visual, images, ids_keep, keep_lengths)
-        return model.head(img, model.text(tokens))
-    _composed["patch_embed"] = "gather_patches + GEMM on kept patches (position add fused)"
-    img = encode_image(model.visual, images, ids_keep, keep_lengths)
-    return model.head(img, encode_text(model.text, tokens))
+        return ref_mae.reconstruction_loss(decoder(encoded, ids_keep), images, ids_keep, p)
+    y = decoder.embed(encoded)
+    y = restore_tokens(y, ids_keep, decoder.num_patches, decoder.mask_token.to(y.dtype)) + decoder.pos_embed.to(y.dtype)
+    for block in decoder.blocks:
+        y = dense_block_forward(block, y)
+    ids_removed = ref_masking.removed_indices(ids_keep, decoder.num_patches)
+    pred = decoder.pred(decoder.norm(drop_tokens(y, ids_removed)))
+    target = ref_mae.norm_pix_target(gather_patches(images, ids_removed, p))
+    return (pred.to(target.dtype) - target).pow(2).mean()
 
 
 def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
@@ -187,5 +234,5 @@ def contrastive_loss(model, out, *, fast=True, group=None, chunk_size=None):
         return clip_loss(img, txt, scale, chunk_size=chunk_size, group=group)
 
 
-__all__ = ["clip_forward", "contrastive_loss", "backends_used", "encode_image", "encode_text",
-           "patch_embed"]
+__all__ = ["clip_forward", "contrastive_loss", "mae_loss", "backends_used", "encode_image", "encode_image_tokens",
+           "vision_tokens", "encode_text", "patch_embed"]

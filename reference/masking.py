@@ -99,3 +99,12 @@ def restore_tokens(x_vis, ids_keep, num_tokens, fill):
     base = fill.to(x_vis.dtype).expand(B, num_tokens, D)
     index = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     return base.scatter(1, index, x_vis)
+
+
+def removed_indices(ids_keep, num_tokens):
+    """int64 [B, N - K]: each sample's positions not in ids_keep, ascending (the patches
+    an MAE decoder reconstructs). ids_keep must not repeat a position within a sample."""
+    B, K = ids_keep.shape
+    removed = torch.ones(B, num_tokens, dtype=torch.bool, device=ids_keep.device)
+    removed.scatter_(1, ids_keep, False)
+    return removed.nonzero()[:, 1].view(B, num_tokens - K)

@@ -145,12 +145,22 @@ class VisionTransformer(nn.Module):
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return self.proj(pooled)
 
-    def forward(self, images, ids_keep=None):
-        """images [B, C, H, W], ids_keep int64 [B, K] (None: keep all) -> [B, output_dim]."""
+    def forward_tokens(self, images, ids_keep=None):
+        """The tokens after the last block (cls first, if any): [B, (1 +) K, width]."""
         x = self.with_cls(self.embed(images, ids_keep))
         for block in self.blocks:
             x = block(x)
-        return self.pool(x)
+        return x
+
+    def patch_tokens(self, x):
+        """ln_post of forward_tokens' kept patch tokens, the cls token left out: [B, K, width]
+        (what an MAE decoder reads, and A-CLIP's per-patch features)."""
+        x = self.ln_post(x)
+        return x[:, 1:] if self.cls_token is not None else x
+
+    def forward(self, images, ids_keep=None):
+        """images [B, C, H, W], ids_keep int64 [B, K] (None: keep all) -> [B, output_dim]."""
+        return self.pool(self.forward_tokens(images, ids_keep))
 
 
 def init_weights(module):

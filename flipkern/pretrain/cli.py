@@ -68,6 +68,7 @@ def build_parser():
     _add_data_args(p.add_argument_group("data"))
     _add_model_args(p.add_argument_group("model"))
     _add_training_args(p.add_argument_group("training"))
+    _add_masking_args(p.add_argument_group("masking mode and MAE (A-CLIP, MAE)"))
     _add_output_args(p.add_argument_group("output and checkpoints"))
     _add_logging_args(p.add_argument_group("evaluation and logging"))
     # test hooks, not shown in --help
@@ -146,6 +147,26 @@ def _add_training_args(t):
     t.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads per process (0: default)")
     t.add_argument("--skip-nonfinite", action="store_true",
                    help="skip an optimizer step whose loss is nan/inf instead of stopping")
+
+
+def _add_masking_args(m):
+    m.add_argument("--masking", choices=["random", "attentive"], default="random",
+                   help="which patches a masked step keeps: FLIP's random ones, or A-CLIP's attentive ones (the "
+                        "highest-scored by an EMA copy of the vision tower: each patch's similarity to its pooled "
+                        "embedding)")
+    m.add_argument("--ema-decay", type=_float(0, 1, hi_open=True), default=0.99,
+                   help="attentive: the EMA vision tower's decay per optimizer step")
+    m.add_argument("--attentive-random-share", type=_float(0, 1), default=0.0,
+                   help="attentive: this share of the kept patches is chosen at random instead")
+    m.add_argument("--objective", choices=["clip", "mae"], default="clip",
+                   help="clip: the contrastive loss (+ --mae-weight x MAE loss); mae: MAE pretraining of the "
+                        "vision tower alone")
+    m.add_argument("--mae-weight", type=_float(0), default=0.0,
+                   help="weight of MAE's reconstruction loss (normalized pixels of the removed patches) added to "
+                        "the contrastive loss (0: off)")
+    m.add_argument("--mae-decoder-width", type=_positive_int, default=64, help="MAE decoder width")
+    m.add_argument("--mae-decoder-depth", type=_nonneg_int, default=1, help="MAE decoder blocks")
+    m.add_argument("--mae-decoder-heads", type=_positive_int, default=4, help="MAE decoder attention heads")
 
 
 def _add_output_args(c):

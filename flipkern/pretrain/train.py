@@ -6,7 +6,9 @@ dict (or raises DataError / CLIError for unusable input, NonFiniteLoss when the
 loss blows up and --skip-nonfinite is off). It reads top to bottom as its steps:
 ``build`` (everything a run is made of), ``restore`` (a checkpoint, if any),
 ``train`` (the loop: ``train_step`` per optimizer step, ``evaluate_now`` and
-``save_checkpoint`` between steps), then ``summarize``.
+``save_checkpoint`` between steps), then ``summarize``. Which patches a masked
+step keeps is its masking mode (masking_modes: random, attentive); what it
+optimizes, its objective (objectives: CLIP, + MAE, MAE alone).
 
 Reproducibility: model init is seeded by --seed; the data order and every
 sample's kept patches are functions of (seed, step, position in the global
@@ -31,10 +33,12 @@ from .. import data as fkdata
 from .. import fastpath
 from ..reference import clip as refclip
 from . import checkpoint as ckpt
+from . import objectives
 from .build import (WarmupCosine, build_datasets, model_config, param_groups, resolve_precision,
                     setup_distributed)
 from .errors import PROG, CLIError, NonFiniteLoss
 from .evaluate import evaluate
+from .masking_modes import build_masking
 from .metrics import MetricsLog, plot_curves
 from .progress import Progress, progress_mode
 
@@ -58,9 +62,11 @@ def resolve_defaults(args):
     if args.warmup_steps is None:
         args.warmup_steps = min(MAX_WARMUP_STEPS, max(1, args.steps // 10))
     if args.unmasked_tune_steps is None:
-        args.unmasked_tune_steps = int(args.steps * UNMASKED_TUNE_FRACTION) if args.mask_ratio > 0 else 0
+        tune = args.mask_ratio > 0 and args.objective != "mae"  # MAE has nothing to reconstruct unmasked
+        args.unmasked_tune_steps = int(args.steps * UNMASKED_TUNE_FRACTION) if tune else 0
     if args.unmasked_tune_steps > args.steps:
         raise CLIError(f"--unmasked-tune-steps {args.unmasked_tune_steps} exceeds --steps {args.steps}")
+    objectives.check_args(args)
 
 
 # ----------------------------------------------------------------------------- build
@@ -79,15 +85,19 @@ class MaskSchedule:
 
 
 class _ForwardModule(torch.nn.Module):
-    """What DDP wraps: the forward of one step (fast path or reference)."""
+    """What DDP wraps: the forward of one step (fast path or reference), with the MAE
+    decoder when the objective has one (objectives.step_forward)."""
 
-    def __init__(self, model, fast):
+    def __init__(self, model, fast, decoder=None, objective="clip"):
         super().__init__()
         self.model = model
+        self.decoder = decoder
         self.fast = fast
+        self.objective = objective
 
     def forward(self, images, tokens, ids_keep):
-        return fastpath.clip_forward(self.model, images, tokens, ids_keep, fast=self.fast)
+        return objectives.step_forward(self.model, self.decoder, self.objective, images, tokens, ids_keep,
+                                       fast=self.fast)
 
 
 @dataclasses.dataclass
@@ -111,6 +121,8 @@ class Run:
     metrics: MetricsLog
     config: dict = None  # config.json's content, also stored in checkpoints
     started: float = 0.0  # time.time() when build began
+    decoder: torch.nn.Module = None  # the MAE decoder (objectives), or None
+    masking: object = None  # the --masking mode (masking_modes)
 
 
 @dataclasses.dataclass
@@ -174,21 +186,26 @@ def build(args, di):
     train_ds, val_ds, data_info = build_datasets(args, v.image_size)
     torch.manual_seed(args.seed)
     model = refclip.CLIP(cfg).to(di.device)
-    groups, _ = param_groups(model, args.weight_decay)
+    objectives.freeze_unused(model, args)
+    decoder = objectives.build_decoder(args, cfg)
+    decoder = decoder.to(di.device) if decoder is not None else None
+    step_module = _ForwardModule(model, args.fast_path, decoder, args.objective)
+    groups, _ = param_groups(step_module, args.weight_decay)  # the model's, then the decoder's
     # fused: one kernel per step on CPU and CUDA (on CPU 7x faster than the foreach path)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(args.warmup_steps, args.steps, args.min_lr_ratio))
-    step_module = _ForwardModule(model, args.fast_path)
+    autocast = _autocast_factory(di.device, args.precision)
     if di.distributed:
         step_module = torch.nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+            step_module, device_ids=[di.device.index] if di.device.type == "cuda" else None,
+            find_unused_parameters=decoder is not None)  # unmasked steps leave the decoder unused
     out_dir = _make_output_dir(args, di)
     return Run(args=args, di=di, cfg=cfg, tokenizer=tokenizer, train_ds=train_ds, val_ds=val_ds,
                data_info=data_info, model=model, step_module=step_module, opt=opt, sched=sched,
                scaler=torch.amp.GradScaler(di.device.type, enabled=args.precision == "fp16"),
-               autocast=_autocast_factory(di.device, args.precision),
-               num_tokens=(v.image_size // v.patch_size) ** 2, out_dir=out_dir,
-               metrics=MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=di.main), started=started)
+               autocast=autocast, num_tokens=(v.image_size // v.patch_size) ** 2, out_dir=out_dir,
+               metrics=MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=di.main), started=started,
+               decoder=decoder, masking=build_masking(args, model, autocast, di))
 
 
 def write_config(run):
@@ -236,6 +253,7 @@ def restore(run):
         state = ckpt.load(path, map_location=run.di.device)
     except RuntimeError as e:
         raise CLIError(str(e)) from None
+    _restore_masking_and_decoder(run, state, path)
     run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
@@ -250,6 +268,20 @@ def restore(run):
     return LoopState(start_step=step, step=step, skipped_nonfinite=int(state.get("skipped_nonfinite", 0)))
 
 
+def _restore_masking_and_decoder(run, state, path):
+    """The EMA tower and the MAE decoder of a checkpoint; first, so that a checkpoint of
+    another masking mode or objective fails with the arguments to fix, not inside
+    the optimizer's state."""
+    try:
+        if (state.get("mae_decoder") is None) != (run.decoder is None):
+            raise ValueError("one has an MAE decoder, the other not")
+        if run.decoder is not None:
+            run.decoder.load_state_dict(state["mae_decoder"])
+        run.masking.load_state_dict(state.get("ema"))
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"checkpoint {path} does not fit this run's --objective/--mae-weight/--masking: {e}") from None
+
+
 # ----------------------------------------------------------------------------- one step
 
 @dataclasses.dataclass
@@ -261,6 +293,7 @@ class StepResult:
     logit_scale: torch.Tensor  # of the last micro-batch, not synced to the host until logged
     masked: bool
     nonfinite: bool
+    mae_loss: torch.Tensor = None  # the last micro-batch's reconstruction loss, when there is one
 
 
 def _on_device(batch, device):
@@ -319,11 +352,12 @@ def _accumulate_gradients(run, micro_batches, step):
     loss_sum, finite = 0.0, True
     for micro, batch in enumerate(micro_batches):
         images, tokens, ids_keep = _on_device(batch, di.device)
+        ids_keep = run.masking.select(images, ids_keep, step * accum + micro)
         last = micro == accum - 1
         with run.step_module.no_sync() if di.distributed and not last else contextlib.nullcontext():
             with run.autocast():
                 out = run.step_module(images, tokens, ids_keep)
-                loss = fastpath.contrastive_loss(run.model, out, fast=args.fast_path, group=di.group)
+                loss = objectives.step_loss(run.model, out, args, di.group)
             if args.debug_nan_step is not None and step == args.debug_nan_step:
                 loss = loss + float("nan")  # test hook: the non-finite loss guard
             value = _mean_over_processes(loss, di)
@@ -339,8 +373,12 @@ def train_step(run, micro_batches, step):
     lr = run.sched.get_last_lr()[0]
     loss, finite, out, ids_keep = _accumulate_gradients(run, micro_batches, step)
     grad_norm = _apply_gradients(run, finite)
+    if finite:
+        run.masking.update(run.model.visual)
+    mae_loss = out.get("mae_loss")
     return StepResult(loss=loss, lr=lr, grad_norm=grad_norm, logit_scale=out["logit_scale"].detach(),
-                      masked=ids_keep is not None, nonfinite=not finite)
+                      masked=ids_keep is not None, nonfinite=not finite,
+                      mae_loss=None if mae_loss is None else mae_loss.detach())
 
 
 # ----------------------------------------------------------------------------- evaluate, save
@@ -371,7 +409,9 @@ def save_checkpoint(run, state):
             model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
             scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None, step=state.step,
             data_step=state.step * run.args.accum_steps, rng=ckpt.rng_state(),
-            skipped_nonfinite=state.skipped_nonfinite, config=run.config), path)
+            skipped_nonfinite=state.skipped_nonfinite, config=run.config,
+            mae_decoder=run.decoder.state_dict() if run.decoder is not None else None,
+            ema=run.masking.state_dict()), path)
         ckpt.prune(run.out_dir, run.args.keep_checkpoints)
     if run.di.distributed:
         dist.barrier()
@@ -431,7 +471,8 @@ def _log_step(run, state, result, dt, progress):
         return
     run.metrics.write(dict(type="train", step=state.step, loss=result.loss, lr=result.lr,
                            grad_norm=result.grad_norm, logit_scale=result.logit_scale.float().mean().item(),
-                           img_per_s=img_per_s, masked=result.masked, time=time.time() - run.started))
+                           img_per_s=img_per_s, masked=result.masked, time=time.time() - run.started,
+                           **({} if result.mae_loss is None else dict(mae_loss=result.mae_loss.float().item()))))
     eta_s = state.train_time / (state.step - state.start_step) * (args.steps - state.step)
     progress.log(state.step, result.loss, result.lr, img_per_s, eta_s)
 
@@ -503,7 +544,7 @@ def summarize(run, state, final_eval):
         img_per_s=state.samples_seen / state.train_time if state.train_time > 0 else 0.0,
         world_size=di.world_size, fast_path=run.args.fast_path, backends=fastpath.backends_used(),
         skipped_samples=bad_samples + skipped_at_index, skipped_nonfinite_steps=state.skipped_nonfinite,
-        output_dir=out_dir, eval=final_eval or {},
+        output_dir=out_dir, eval=final_eval or {}, **run.masking.summary(),
     )
     if di.main:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
