@@ -15,9 +15,14 @@ def _alias_reference():
     # reference/ sits at the top of the repository and is installed as flipkern.reference
     # (setup.py package_dir). In a source checkout, flipkern/ has no reference/ inside it:
     # load the top-level folder under the installed name so imports are the same either way.
-    if "flipkern.reference" in _sys.modules or _ilu.find_spec(".reference", __name__) is not None:
+    # The check is for that folder, not find_spec: an editable install's finder maps
+    # flipkern.reference to the checkout it was installed from, which is not this one in
+    # another git worktree.
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.join(_os.path.dirname(here), "reference")
+    if ("flipkern.reference" in _sys.modules or _os.path.isdir(_os.path.join(here, "reference"))
+            or not _os.path.isfile(_os.path.join(root, "__init__.py"))):
         return
-    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "reference")
     spec = _ilu.spec_from_file_location("flipkern.reference", _os.path.join(root, "__init__.py"),
                                         submodule_search_locations=[root])
     module = _ilu.module_from_spec(spec)
@@ -35,6 +40,7 @@ from .losses import clip_loss, siglip_loss  # noqa: E402
 from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
                         varlen_attention)
 from . import fastpath  # noqa: E402
+from .accumulate import contrastive_backward  # noqa: E402
 from .open_clip_patch import apply_to_open_clip  # noqa: E402
 
 
@@ -48,4 +54,4 @@ __all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens", "
            "restore_tokens", "topk_keep_indices",
            "clip_loss", "siglip_loss",
            "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask",
-           "fastpath", "apply_to_open_clip"]
+           "fastpath", "contrastive_backward", "apply_to_open_clip"]

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import torch.nn.functional as F
 
 from .attention import varlen_attention
+from .reference.vit import run_blocks
 
 
 def _identity(x):
@@ -140,13 +141,18 @@ def packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal=False):
     return block_forward(block, x_packed, attend)
 
 
-def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False):
-    """A stack of blocks (an iterable, e.g. nn.ModuleList) on packed tokens."""
-    for block in blocks:
-        x_packed = packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal)
-    return x_packed
+def dense_blocks_forward(blocks, x, causal=False, checkpoint=False):
+    """A stack of blocks (an iterable, e.g. nn.ModuleList) on [B, N, D] tokens; checkpoint:
+    per-block activation checkpointing (reference.vit.run_blocks)."""
+    return run_blocks(blocks, dense_block_forward, x, causal, checkpoint=checkpoint)
+
+
+def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False, checkpoint=False):
+    """A stack of blocks on packed tokens; checkpoint as in dense_blocks_forward."""
+    return run_blocks(blocks, packed_block_forward, x_packed, cu_seqlens, max_seqlen, causal,
+                      checkpoint=checkpoint)
 
 
 __all__ = ["BlockParts", "register_block_adapter", "block_parts", "reference_block_parts", "block_forward",
            "dense_attention", "packed_attention", "dense_block_forward", "packed_block_forward",
-           "packed_blocks_forward"]
+           "dense_blocks_forward", "packed_blocks_forward"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .attention import pack
-from .blocks import dense_block_forward, packed_blocks_forward
+from .blocks import dense_blocks_forward, packed_blocks_forward
 from .losses import clip_loss, siglip_loss
 from .masking import gather_patches
 from .reference import clip as refclip
@@ -83,9 +83,7 @@ def encode_image(visual, images, ids_keep=None, keep_lengths=None):
                                     visual.pos_embed))
     if keep_lengths is None:
         _composed["vision_attention"] = "sdpa (dense, K shared by the batch)"
-        for block in visual.blocks:
-            x = dense_block_forward(block, x)
-        return visual.pool(x)
+        return visual.pool(dense_blocks_forward(visual.blocks, x, checkpoint=visual.grad_checkpointing))
     return _encode_image_varlen(visual, x, keep_lengths)
 
 
@@ -99,7 +97,8 @@ def _encode_image_varlen(visual, x, keep_lengths):
     lengths = keep_lengths.to(device=x.device, dtype=torch.int64) + int(has_cls)
     packed, cu = pack(x, lengths)
     _composed["vision_attention"] = "varlen (K per sample)"
-    packed = packed_blocks_forward(visual.blocks, packed, cu, int(lengths.max()), causal=False)
+    packed = packed_blocks_forward(visual.blocks, packed, cu, int(lengths.max()), causal=False,
+                                   checkpoint=visual.grad_checkpointing)
     if has_cls:
         pooled = visual.ln_post(packed[cu[:-1].long()])
     else:
@@ -130,7 +129,8 @@ def encode_text(text, tokens):
     positions, _ = pack(torch.arange(L, device=tokens.device).expand(B, L), lengths)
     x = text.token_embedding(packed_tokens) + F.embedding(positions, text.pos_embed)
     _composed["text_attention"] = "varlen causal (packed, no padding)"
-    x = packed_blocks_forward(text.blocks, x, cu, int(lengths.max()) if B else 0, causal=True)
+    x = packed_blocks_forward(text.blocks, x, cu, int(lengths.max()) if B else 0, causal=True,
+                              checkpoint=text.grad_checkpointing)
     last = x[cu[1:].long() - 1]  # each caption's eot token; ln_final is per token, so only these need it
     return text.proj(text.ln_final(last))
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import fastpath
 from .attention import pack
 from .blocks import BlockParts, dense_block_forward, packed_block_forward, register_block_adapter
+from .reference.vit import run_blocks
 from .losses import clip_loss, siglip_loss
 
 
@@ -83,14 +84,8 @@ register_block_adapter("open_clip.transformer.ResidualAttentionBlock", _block_pa
 
 
 def _run_blocks(transformer, block_fn, x, *args):
-    if transformer.grad_checkpointing and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-        for b in transformer.resblocks:
-            x = checkpoint(block_fn, b, x, *args, use_reentrant=False)
-        return x
-    for b in transformer.resblocks:
-        x = block_fn(b, x, *args)
-    return x
+    """open_clip's Transformer.forward over our block forward, honouring its grad_checkpointing."""
+    return run_blocks(transformer.resblocks, block_fn, x, *args, checkpoint=transformer.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------- vision
