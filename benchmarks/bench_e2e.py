@@ -42,7 +42,7 @@ PATHS = ("fast", "native", "reference")
 
 def native_forward(model, images, tokens, ids_keep):
     """SDPA everywhere, padded text, conv patch embedding of every patch then a gather."""
-    from flipkern.fastpath import dense_block_forward
+    from flipkern.blocks import dense_block_forward
     from flipkern.reference.text import eot_positions
     v, t = model.visual, model.text
     x = v.with_cls(v.embed(images, ids_keep))  # conv over all N patches, + pos, torch.gather

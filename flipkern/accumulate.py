@@ -75,8 +75,9 @@ def contrastive_backward(model, micro_batches, loss_fn, *, autocast=None, scaler
         (image_features, text_features, logit_scale[, logit_bias]): the reference CLIP, a module
         calling flipkern.fastpath.clip_forward, or DistributedDataParallel around one (gradients
         then sync once, on the last micro-batch).
-    micro_batches: a sequence of (images, tokens, ids_keep) on the model's device; ids_keep (the
-        FLIP masks, None: unmasked) is drawn once per micro-batch and serves both passes.
+    micro_batches: a sequence of (images, tokens, ids_keep) on the model's device, read twice (it
+        may make each one on access, so that only one micro-batch's inputs are in memory); ids_keep
+        (the FLIP masks, None: unmasked) is drawn once per micro-batch and serves both passes.
     loss_fn: ``loss_fn(out)`` -> 0-d loss of a dict like the model's over the concatenated
         features, e.g. ``lambda out: fk.fastpath.contrastive_loss(clip, out, group=group)``.
     autocast: a factory of the context each forward runs in (e.g. ``lambda: torch.autocast("cuda",
@@ -98,11 +99,12 @@ def contrastive_backward(model, micro_batches, loss_fn, *, autocast=None, scaler
         return loss.detach(), {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}
     outs, states = _features_without_grad(model, micro_batches, autocast)
     loss, leaves, grads = _loss_and_feature_grads(outs, loss_fn)
-    rng_after = _rng_state(micro_batches[-1][0].device)
+    device = outs[0][FEATURES[0]].device
+    rng_after = _rng_state(device)
     start = 0
     for i, (batch, state) in enumerate(zip(micro_batches, states)):
         last = i == len(micro_batches) - 1
-        _set_rng_state(batch[0].device, state)
+        _set_rng_state(device, state)
         with _no_sync(model, last):
             with autocast():
                 out = model(*batch)
@@ -114,7 +116,7 @@ def contrastive_backward(model, micro_batches, loss_fn, *, autocast=None, scaler
             targets += [(out[k], grads[k]) for k in SCALARS if last and grads.get(k) is not None]
             tensors, grad_tensors = zip(*[(t, scale(g).to(t.dtype)) for t, g in targets])
             torch.autograd.backward(tensors, grad_tensors)
-    _set_rng_state(micro_batches[-1][0].device, rng_after)
+    _set_rng_state(device, rng_after)
     return loss, {k: v.detach() for k, v in leaves.items()}
 
 
