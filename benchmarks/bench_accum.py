@@ -12,9 +12,13 @@ memory is the model's, not a tensor of every image of the step: a training
 loop that holds the step's images holds 3*224*224*4 B = 588 KiB more per sample
 (flipkern-pretrain and open_clip's --accum-freq both do).
 
-    python benchmarks/bench_accum.py --json benchmarks/results/accum.json
-    python benchmarks/bench_accum.py --micro-batch 128 --accum 1 128 --checkpointing on \\
-        --json benchmarks/results/accum_largest.json      # the largest contrastive batch
+    python benchmarks/bench_accum.py --threads 1 --micro-batch 8 --accum 1 4 16 64 \\
+        --checkpointing off --json benchmarks/results/accum_off.json      # and "on" -> accum_on.json
+    python benchmarks/bench_accum.py --threads 1 --model tiny --micro-batch 128 --accum 1 128 \\
+        --checkpointing on --json benchmarks/results/accum_largest_tiny.json   # contrastive batch 16,384
+
+--threads 1 on a shared machine: with 2 threads and other jobs on the cores, the
+OpenMP threads spin-wait, and the CPU time counted the waiting (ten times the work here).
 """
 import argparse
 import collections.abc
