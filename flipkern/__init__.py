@@ -40,6 +40,7 @@ from .losses import clip_loss, siglip_loss  # noqa: E402
 from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
                         varlen_attention)
 from . import fastpath  # noqa: E402
+from .accumulate import contrastive_backward  # noqa: E402
 from .open_clip_patch import apply_to_open_clip  # noqa: E402
 from .timm_patch import apply_to_timm, forward_with_keep  # noqa: E402
 
@@ -54,4 +55,4 @@ __all__ = ["reference", "use_backend", "backends_used", "info", "drop_tokens", "
            "restore_tokens", "topk_keep_indices",
            "clip_loss", "siglip_loss",
            "varlen_attention", "pack", "unpack", "cu_seqlens_from_lengths", "packed_from_padding_mask",
-           "fastpath", "apply_to_open_clip", "apply_to_timm", "forward_with_keep"]
+           "fastpath", "contrastive_backward", "apply_to_open_clip", "apply_to_timm", "forward_with_keep"]

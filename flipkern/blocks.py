@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import varlen_attention
+from .reference.vit import run_blocks
 
 
 def _identity(x):
@@ -141,26 +142,18 @@ def packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal=False):
     return block_forward(block, x_packed, attend)
 
 
-def run_blocks(blocks, block_fn, x, *args, checkpointing=False):
-    """x = block_fn(block, x, *args) for each block; with ``checkpointing`` (a model's
-    grad_checkpointing flag) each block's activations are recomputed in the backward."""
-    if checkpointing and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-        for b in blocks:
-            x = checkpoint(block_fn, b, x, *args, use_reentrant=False)
-        return x
-    for b in blocks:
-        x = block_fn(b, x, *args)
-    return x
+def dense_blocks_forward(blocks, x, causal=False, checkpoint=False):
+    """A stack of blocks (an iterable, e.g. nn.ModuleList) on [B, N, D] tokens; checkpoint:
+    per-block activation checkpointing (reference.vit.run_blocks)."""
+    return run_blocks(blocks, dense_block_forward, x, causal, checkpoint=checkpoint)
 
 
-def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False):
-    """A stack of blocks (an iterable, e.g. nn.ModuleList) on packed tokens."""
-    for block in blocks:
-        x_packed = packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal)
-    return x_packed
+def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False, checkpoint=False):
+    """A stack of blocks on packed tokens; checkpoint as in dense_blocks_forward."""
+    return run_blocks(blocks, packed_block_forward, x_packed, cu_seqlens, max_seqlen, causal,
+                      checkpoint=checkpoint)
 
 
 __all__ = ["BlockParts", "register_block_adapter", "block_parts", "reference_block_parts", "block_forward",
            "dense_attention", "packed_attention", "dense_block_forward", "packed_block_forward",
-           "packed_blocks_forward", "run_blocks"]
+           "dense_blocks_forward", "packed_blocks_forward", "run_blocks"]

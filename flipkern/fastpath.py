@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import _checks, backends
 from .attention import pack
-from .blocks import dense_block_forward, packed_blocks_forward
+from .blocks import dense_block_forward, dense_blocks_forward, packed_blocks_forward
 from .losses import clip_loss, siglip_loss
 from .masking import drop_tokens, gather_patches, restore_tokens
 from .reference import clip as refclip
@@ -92,9 +92,7 @@ def encode_image_tokens(visual, images, ids_keep=None):
     the last block, [B, (1 +) K, width], every sample keeping the same K."""
     x = _embed(visual, images, ids_keep)
     _composed["vision_attention"] = "sdpa (dense, K shared by the batch)"
-    for block in visual.blocks:
-        x = dense_block_forward(block, x)
-    return x
+    return dense_blocks_forward(visual.blocks, x, checkpoint=visual.grad_checkpointing)
 
 
 def vision_tokens(visual, images, ids_keep=None, *, fast=True):
@@ -135,7 +133,8 @@ def _encode_image_varlen(visual, x, keep_lengths):
     _composed["vision_attention"] = "varlen (K per sample)"
     # max_seqlen only bounds the lengths (it sizes the kernel grid): the host knows K + cls
     # without reading lengths back from the device
-    packed = packed_blocks_forward(visual.blocks, packed, cu, x.shape[1], causal=False)
+    packed = packed_blocks_forward(visual.blocks, packed, cu, x.shape[1], causal=False,
+                                   checkpoint=visual.grad_checkpointing)
     if has_cls:
         pooled = visual.ln_post(packed[cu[:-1].long()])
     else:
@@ -168,7 +167,7 @@ def encode_text(text, tokens):
     _composed["text_attention"] = "varlen causal (packed, no padding)"
     # max_seqlen: the token width L bounds every caption's length and is known on the host
     # since tokenization; int(lengths.max()) would sync with the device every step
-    x = packed_blocks_forward(text.blocks, x, cu, L, causal=True)
+    x = packed_blocks_forward(text.blocks, x, cu, L, causal=True, checkpoint=text.grad_checkpointing)
     last = x[cu[1:].long() - 1]  # each caption's eot token; ln_final is per token, so only these need it
     return text.proj(text.ln_final(last))
 

@@ -86,7 +86,8 @@ register_block_adapter("open_clip.transformer.ResidualAttentionBlock", _block_pa
 
 
 def _run_blocks(transformer, block_fn, x, *args):
-    return run_blocks(transformer.resblocks, block_fn, x, *args, checkpointing=transformer.grad_checkpointing)
+    """open_clip's Transformer.forward over our block forward, honouring its grad_checkpointing."""
+    return run_blocks(transformer.resblocks, block_fn, x, *args, checkpoint=transformer.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------- vision

@@ -172,7 +172,7 @@ def _forward_features(model, x, attn_mask=None, is_causal=False):
 def _dense_features(model, images, ids_keep):
     x = _embed(model, images, None if ids_keep is None else ids_keep.to(images.device))
     fastpath._composed["timm.visual"] = "gather_patches + GEMM, sdpa over the kept tokens"
-    x = run_blocks(model.blocks, dense_block_forward, x, checkpointing=model.grad_checkpointing)
+    x = run_blocks(model.blocks, dense_block_forward, x, checkpoint=model.grad_checkpointing)
     return model.norm(x)
 
 
@@ -206,7 +206,7 @@ def forward_with_keep(model, images, ids_keep, keep_lengths=None):
     fastpath._composed["timm.visual"] = "gather_patches + GEMM, varlen attention (K per sample)"
     max_len = int(lengths.max()) if B else 0
     packed = run_blocks(model.blocks, packed_block_forward, packed, cu, max_len, False,
-                        checkpointing=model.grad_checkpointing)
+                        checkpoint=model.grad_checkpointing)
     return _packed_head(model, model.norm(packed), cu, lengths, max_len)
 
 

@@ -43,6 +43,11 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.loss == "siglip" else None
 
+    def set_grad_checkpointing(self, enable=True):
+        """Per-block activation checkpointing in both towers (open_clip's method name); the
+        fast path (flipkern.fastpath) follows the same flags."""
+        self.visual.grad_checkpointing = self.text.grad_checkpointing = enable
+
     def encode_image(self, images, ids_keep=None, normalize=False):
         f = self.visual(images, ids_keep)
         return F.normalize(f, dim=-1) if normalize else f

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .vit import Block
+from .vit import Block, _call_block, run_blocks
 
 
 @dataclasses.dataclass
@@ -49,6 +49,7 @@ class TextTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.ln_final = nn.LayerNorm(w)
         self.proj = nn.Linear(w, output_dim, bias=False)
+        self.grad_checkpointing = False  # run_blocks(checkpoint=...); CLIP.set_grad_checkpointing
 
     def embed(self, tokens):
         L = tokens.shape[1]
@@ -58,9 +59,7 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens):
         """tokens int64 [B, L] -> [B, output_dim]."""
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, causal=True)
+        x = run_blocks(self.blocks, _call_block, self.embed(tokens), True, checkpoint=self.grad_checkpointing)
         x = self.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_positions(tokens, self.cfg.eot_id)]
         return self.proj(pooled)

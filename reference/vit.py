@@ -8,6 +8,7 @@ tokens are dropped (so every kept token keeps its position); ln_post, pooling
 import dataclasses
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import masking
@@ -62,6 +63,27 @@ class Block(nn.Module):
     def forward(self, x, key_padding_mask=None, causal=False):
         x = x + self.attn(self.ln_1(x), key_padding_mask=key_padding_mask, causal=causal)
         return x + self.mlp(self.ln_2(x))
+
+
+def run_blocks(blocks, block_fn, x, *args, checkpoint=False):
+    """x through each block of ``blocks`` as ``block_fn(block, x, *args)``.
+
+    checkpoint: activation checkpointing per block (when grad is enabled): only each
+    block's input is kept and its activations are recomputed in the backward, so a
+    tower holds one block's activations instead of all of them (non-reentrant
+    torch.utils.checkpoint: works with autograd.backward on any output, keeps the RNG).
+    """
+    checkpoint = checkpoint and torch.is_grad_enabled()
+    for block in blocks:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(block_fn, block, x, *args, use_reentrant=False)
+        else:
+            x = block_fn(block, x, *args)
+    return x
+
+
+def _call_block(block, x, causal=False):
+    return block(x, causal=causal)
 
 
 @dataclasses.dataclass
@@ -124,6 +146,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Linear(w, output_dim, bias=False)
+        self.grad_checkpointing = False  # run_blocks(checkpoint=...); CLIP.set_grad_checkpointing
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
@@ -148,8 +171,7 @@ class VisionTransformer(nn.Module):
     def forward_tokens(self, images, ids_keep=None):
         """The tokens after the last block (cls first, if any): [B, (1 +) K, width]."""
         x = self.with_cls(self.embed(images, ids_keep))
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, _call_block, x, checkpoint=self.grad_checkpointing)
         return x
 
     def patch_tokens(self, x):

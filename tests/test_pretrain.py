@@ -316,6 +316,43 @@ def test_train_step_alone_is_the_first_step_of_a_run(tmp_path):
     assert run.sched.get_last_lr()[0] > result.lr  # warmup advanced
 
 
+def _split_batch(batch, parts):
+    """A loader batch as ``parts`` loader batches of its consecutive samples (masks included)."""
+    ids = batch["ids_keep"].chunk(parts) if batch["ids_keep"] is not None else [None] * parts
+    return [dict(images=i, tokens=t, ids_keep=k) for i, t, k in
+            zip(batch["images"].chunk(parts), batch["tokens"].chunk(parts), ids)]
+
+
+def test_accum_steps_is_one_step_on_the_whole_contrastive_batch(tmp_path):
+    """--batch-size 4 --accum-steps 4 == --batch-size 16: same samples and masks, same loss and
+    gradient (fp32 here; float64 and 2 processes: test_accumulate)."""
+    big = _built(str(tmp_path / "big"), "--steps", "2", "--batch-size", "16")
+    accum = _built(str(tmp_path / "accum"), "--steps", "2", "--batch-size", "4", "--accum-steps", "4",
+                   "--grad-checkpointing")
+    batch = next(iter(train.make_loader(big, 0)))
+    want = train.train_step(big, [batch], 0)
+    got = train.train_step(accum, _split_batch(batch, 4), 0)
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
+    assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
+    assert accum.model.visual.grad_checkpointing and accum.model.text.grad_checkpointing
+    assert accum.config is None and train.contrastive_batch(accum.args) == 16
+
+
+def test_resume_with_accumulation_and_checkpointing_is_bit_exact(tmp_path, capsys):
+    common = MICRO + ["--steps", "4", "--accum-steps", "2", "--grad-checkpointing", "--checkpoint-every", "2",
+                      "--keep-checkpoints", "0", "--no-eval"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(common + ["--output-dir", a]) == 0
+    assert "contrastive batch=16" in capsys.readouterr().out  # the summary line: 8 x 2
+    assert json.load(open(os.path.join(a, "summary.json")))["contrastive_batch"] == 16
+    assert main(common + ["--output-dir", b, "--debug-stop-after", "3"]) == 0
+    assert main(common + ["--output-dir", b]) == 0  # resumes from step 2
+    assert _train_records(a) == _train_records(b)
+    sa, sb = _final_state(a), _final_state(b)
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+
+
 def test_save_checkpoint_then_restore_alone(tmp_path):
     out = str(tmp_path / "run")
     run = _built(out, "--steps", "3")
@@ -397,3 +434,10 @@ def test_default_precision_is_bf16_on_cuda_fp32_on_cpu():
             assert build.resolve_precision(explicit, device) == explicit
     action = next(a for a in build_parser()._actions if a.dest == "precision")
     assert "bf16 on a CUDA device" in action.help and "fp32 on CPU" in action.help
+
+
+def test_help_says_the_contrastive_batch_is_batch_size_times_accum_steps():
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert "contrastive batch is --batch-size x --accum-steps" in actions["batch_size"].help
+    assert "full-batch negatives" in actions["accum_steps"].help
+    assert "both towers" in actions["grad_checkpointing"].help

@@ -4,8 +4,9 @@ With no arguments it trains the "tiny" CLIP on the built-in synthetic
 shapes dataset (no download) with 50% of the image patches dropped, evaluates
 zero-shot accuracy on the held-out split and prints a summary line.
 Multi-process: ``torchrun --nproc_per_node N -m flipkern.pretrain ...``
-(gloo on CPU, nccl on GPU); ``--batch-size`` is the global batch, so the same
-command gives the same training with any number of processes.
+(gloo on CPU, nccl on GPU); ``--batch-size`` is the global batch of a micro-step,
+so the same command gives the same training with any number of processes; the
+contrastive batch is ``--batch-size x --accum-steps``.
 """
 import argparse
 import os
@@ -118,8 +119,15 @@ def _add_model_args(m):
 def _add_training_args(t):
     t.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
     t.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="global contrastive batch per micro-step, over all processes")
-    t.add_argument("--accum-steps", type=_positive_int, default=1, help="gradient accumulation micro-steps")
+                   help="global batch of one micro-step (one forward/backward), over all processes; the "
+                        "contrastive batch is --batch-size x --accum-steps")
+    t.add_argument("--accum-steps", type=_positive_int, default=1,
+                   help="micro-steps per optimizer step; the loss contrasts all their samples together "
+                        "(full-batch negatives: features first without grad, then each micro-step again "
+                        "with grad), so memory is one micro-step's activations plus all features")
+    t.add_argument("--grad-checkpointing", action="store_true",
+                   help="per-block activation checkpointing in both towers: recompute each block's "
+                        "activations in the backward (less memory, about one more forward of time)")
     t.add_argument("--lr", type=_float(0, lo_open=True), default=None, help="peak learning rate")
     t.add_argument("--min-lr-ratio", type=_float(0, 1), default=0.05,
                    help="final lr as a fraction of --lr (cosine end point)")

@@ -26,6 +26,11 @@ def check_args(args):
     if args.objective == "mae" and args.unmasked_tune_steps:
         raise CLIError(f"--objective mae: --unmasked-tune-steps {args.unmasked_tune_steps} would train steps "
                        "with nothing to reconstruct; give 0")
+    if uses_decoder(args) and args.accum_steps > 1:
+        # the accumulation's first pass keeps only the contrastive features of each
+        # micro-batch; a per-micro-batch reconstruction loss would be left out of it
+        what = "--objective mae" if args.objective == "mae" else f"--mae-weight {args.mae_weight}"
+        raise CLIError(f"{what} does not combine with --accum-steps {args.accum_steps} yet; use --accum-steps 1")
     if args.masking == "attentive" and args.mask_ratio <= 0:
         raise CLIError("--masking attentive needs --mask-ratio > 0")
 

@@ -1,5 +1,5 @@
 """The pretraining loop: data, model, AdamW + warmup/cosine, mixed precision,
-gradient accumulation, DDP, FLIP masking, checkpoints, evaluation, summary.
+gradient accumulation with full-batch negatives, activation checkpointing, DDP, FLIP masking, checkpoints, evaluation, summary.
 
 ``run(args)`` takes the namespace of ``cli.parse_args`` and returns the summary
 dict (or raises DataError / CLIError for unusable input, NonFiniteLoss when the
@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .. import data as fkdata
 from .. import fastpath
+from ..accumulate import contrastive_backward
 from ..reference import clip as refclip
 from . import checkpoint as ckpt
 from . import objectives
@@ -195,6 +196,7 @@ def build(args, di):
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(args.warmup_steps, args.steps, args.min_lr_ratio))
     autocast = _autocast_factory(di.device, args.precision)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     if di.distributed:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[di.device.index] if di.device.type == "cuda" else None,
@@ -206,6 +208,11 @@ def build(args, di):
                autocast=autocast, num_tokens=(v.image_size // v.patch_size) ** 2, out_dir=out_dir,
                metrics=MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=di.main), started=started,
                decoder=decoder, masking=build_masking(args, model, autocast, di))
+
+
+def contrastive_batch(args):
+    """The samples each loss contrasts (all processes): --batch-size x --accum-steps."""
+    return args.batch_size * args.accum_steps
 
 
 def write_config(run):
@@ -222,6 +229,7 @@ def write_config(run):
         weight_decay_groups={k: len(v) for k, v in group_names.items()},
         num_patches=run.num_tokens,
         num_keep=fkdata.num_keep_for(run.num_tokens, args.mask_ratio) or run.num_tokens,
+        contrastive_batch=contrastive_batch(args),
     )
     if di.main:
         with open(os.path.join(run.out_dir, "config.json"), "w") as f:
@@ -286,11 +294,11 @@ def _restore_masking_and_decoder(run, state, path):
 
 @dataclasses.dataclass
 class StepResult:
-    """One optimizer step's numbers (loss: mean over micro-batches and processes)."""
+    """One optimizer step's numbers (loss: of the whole contrastive batch, mean over processes)."""
     loss: float
     lr: float
     grad_norm: float  # nan when the step was skipped
-    logit_scale: torch.Tensor  # of the last micro-batch, not synced to the host until logged
+    logit_scale: torch.Tensor  # not synced to the host until logged
     masked: bool
     nonfinite: bool
     mae_loss: torch.Tensor = None  # the last micro-batch's reconstruction loss, when there is one
@@ -342,36 +350,36 @@ def _apply_gradients(run, finite):
     return grad_norm
 
 
-def _accumulate_gradients(run, micro_batches, step):
-    """Forward, contrastive loss and backward of each micro-batch, gradients averaged
-    (DDP syncs them on the last); the negatives of each loss are its own micro-batch,
-    over all processes. Returns (mean loss, all finite, last micro-batch's output and
-    ids_keep)."""
+def _contrastive_gradients(run, micro_batches, step):
+    """The gradients of the contrastive loss over all micro-batches of the step, on all
+    processes (flipkern.accumulate: every sample's negatives are the whole contrastive
+    batch, --batch-size x --accum-steps); DDP syncs them once. Returns (loss averaged over
+    processes, finite, the features' output dict, the last micro-batch's ids_keep)."""
     args, di = run.args, run.di
     accum = len(micro_batches)
-    loss_sum, finite = 0.0, True
+    batches = []
     for micro, batch in enumerate(micro_batches):
         images, tokens, ids_keep = _on_device(batch, di.device)
-        ids_keep = run.masking.select(images, ids_keep, step * accum + micro)
-        last = micro == accum - 1
-        with run.step_module.no_sync() if di.distributed and not last else contextlib.nullcontext():
-            with run.autocast():
-                out = run.step_module(images, tokens, ids_keep)
-                loss = objectives.step_loss(run.model, out, args, di.group)
-            if args.debug_nan_step is not None and step == args.debug_nan_step:
-                loss = loss + float("nan")  # test hook: the non-finite loss guard
-            value = _mean_over_processes(loss, di)
-            finite = _check_finite(run, value, step) and finite
-            run.scaler.scale(loss / accum).backward()
-        loss_sum += value / accum
-    return loss_sum, finite, out, ids_keep
+        # the masks are drawn once per micro-batch and serve both passes of the accumulation
+        batches.append((images, tokens, run.masking.select(images, ids_keep, step * accum + micro)))
+
+    def loss_fn(out):
+        loss = objectives.step_loss(run.model, out, args, di.group)
+        if args.debug_nan_step is not None and step == args.debug_nan_step:
+            loss = loss + float("nan")  # test hook: the non-finite loss guard
+        return loss
+
+    loss, out = contrastive_backward(run.step_module, batches, loss_fn, autocast=run.autocast,
+                                     scaler=run.scaler)
+    value = _mean_over_processes(loss, di)
+    return value, _check_finite(run, value, step), out, batches[-1][2]
 
 
 def train_step(run, micro_batches, step):
     """One optimizer step on ``micro_batches`` (--accum-steps loader batches): the
-    gradients of their losses, then the optimizer and schedule step."""
+    gradients of their contrastive loss, then the optimizer and schedule step."""
     lr = run.sched.get_last_lr()[0]
-    loss, finite, out, ids_keep = _accumulate_gradients(run, micro_batches, step)
+    loss, finite, out, ids_keep = _contrastive_gradients(run, micro_batches, step)
     grad_norm = _apply_gradients(run, finite)
     if finite:
         run.masking.update(run.model.visual)
@@ -465,7 +473,7 @@ def _log_step(run, state, result, dt, progress):
     """metrics.jsonl record and progress line every --log-every steps (and the first
     and last); the bar after every step."""
     args = run.args
-    img_per_s = args.batch_size * args.accum_steps / dt
+    img_per_s = contrastive_batch(args) / dt  # all the samples of the step
     progress.update(state.step, result.loss, result.lr, img_per_s)
     if state.step % args.log_every and state.step not in (args.steps, state.start_step + 1):
         return
@@ -495,6 +503,8 @@ def train(run, state):
     (stopped early at a step boundary) or 'crashed' (--debug-stop-after)."""
     args, di = run.args, run.di
     it = iter(make_loader(run, state.step))
+    _print(di, f"{PROG}: contrastive batch {contrastive_batch(args)} = --batch-size {args.batch_size} x "
+               f"--accum-steps {args.accum_steps}, over {di.world_size} process(es); img/s counts all of it")
     progress = Progress(progress_mode(args.progress, di.main, sys.stderr.isatty()), args.steps, state.step)
     run.model.train()
     with _Sigterm() as term, contextlib.closing(progress):
@@ -510,7 +520,7 @@ def train(run, state):
             state.step += 1
             dt = time.time() - t0
             state.train_time += dt
-            state.samples_seen += args.batch_size * args.accum_steps
+            state.samples_seen += contrastive_batch(args)
             if args.debug_sleep:
                 time.sleep(args.debug_sleep)  # test hook: a slow run to send SIGTERM to
             _log_step(run, state, result, dt, progress)
@@ -540,6 +550,7 @@ def summarize(run, state, final_eval):
     skipped_at_index = sum(sum(v.values()) for v in run.data_info.get("skipped_at_index", {}).values())
     summary = dict(
         steps=state.step, trained_steps=state.step - state.start_step, samples=state.samples_seen,
+        contrastive_batch=contrastive_batch(run.args), accum_steps=run.args.accum_steps,
         wall_s=time.time() - run.started, train_s=state.train_time,
         img_per_s=state.samples_seen / state.train_time if state.train_time > 0 else 0.0,
         world_size=di.world_size, fast_path=run.args.fast_path, backends=fastpath.backends_used(),
@@ -555,7 +566,8 @@ def summarize(run, state, final_eval):
 
 def format_summary(s):
     ev = s.get("eval") or {}
-    parts = [f"steps={s['steps']}", f"time={s['wall_s']:.1f}s", f"img/s={s['img_per_s']:.1f}"]
+    parts = [f"steps={s['steps']}", f"contrastive batch={s['contrastive_batch']}", f"time={s['wall_s']:.1f}s",
+             f"img/s={s['img_per_s']:.1f}"]
     if "zeroshot_top1" in ev:
         parts.append(f"zero-shot top-1={100 * ev['zeroshot_top1']:.1f}% top-5={100 * ev['zeroshot_top5']:.1f}% "
                      f"({ev['num_classes']} classes)")
