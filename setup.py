@@ -10,12 +10,11 @@ still installs and compiles the extension on first use instead
 Install with ``pip install --no-build-isolation -e .`` so the build uses the
 torch already in the environment.
 """
+import importlib.util
 import os
 import sys
 
 from setuptools import find_packages, setup
-
-import importlib.util
 
 # The one list of sources and flags, shared with the build-on-first-use path. Loaded by
 # path because importing the flipkern package itself here would need torch and more.

@@ -29,13 +29,12 @@ case (the issue's goal: >= 0.8x of flash-attn 2's forward at Dh=64, bf16).
 import pytest
 import torch
 import torch.nn.functional as F
-
-import flipkern as fk
-from flipkern.reference import attention as ref
-
 from caption_lengths import caption_lengths
 from conftest import DEVICES, sync
 from flops import attention_flops
+
+import flipkern as fk
+from flipkern.reference import attention as ref
 
 H, DH, CONTEXT = 12, 64, 77
 TEXT = [f"text-{kind}-B{b}" for b in (32, 128) for kind in ("mean8", "mean16", "mean32", "mean77")]

@@ -53,8 +53,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import caption_lengths  # noqa: E402
 import flops  # noqa: E402
-from native import native_clip_loss, native_forward  # noqa: E402
 import run_info  # noqa: E402
+from native import native_clip_loss, native_forward  # noqa: E402
 
 CASES = ("fast", "native", "reference", "open_clip", "open_clip+fk")
 # (flipkern case, baseline case): the ratios the report shows, each within one model

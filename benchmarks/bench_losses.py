@@ -14,7 +14,6 @@ matrices alone would take ~70 GB) is `python benchmarks/loss_memory.py --batch 6
 """
 import pytest
 import torch
-
 from conftest import DEVICES
 from loss_memory import cpu_peak, cuda_peak, make_step
 

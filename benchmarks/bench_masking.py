@@ -23,15 +23,14 @@ CPU runs float32 and bfloat16; on CUDA (when present) the default flipkern backe
 check, e.g. one dtype and keep ratio on the CPU:
   python -m pytest benchmarks/bench_masking.py -k "keep25 and float32 and cpu"
 """
+import native
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, sync
 
 import flipkern as fk
 from flipkern.reference import masking as ref
-
-import native
-from conftest import DEVICES, sync
 
 B, N, D, IMG, P, C = 256, 196, 768, 224, 16, 3
 KEEPS = {"keep25": 0.25, "keep50": 0.5}

@@ -38,8 +38,9 @@ PATHS = ("stock", "flipkern")
 def measure(path, patch_dropout, args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import open_clip_coverage
-    import flipkern
     from open_clip.loss import SigLipLoss
+
+    import flipkern
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     model = open_clip_coverage.build_cut(args["model"], values=True, layers=args["layers"],

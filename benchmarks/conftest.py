@@ -9,9 +9,8 @@ load average at the start and the end of the session).
 Run:  python -m pytest benchmarks --benchmark-json bench.json && python benchmarks/report.py bench.json
 """
 import pytest
-import torch
-
 import run_info
+import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

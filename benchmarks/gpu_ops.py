@@ -26,7 +26,6 @@ triton.testing.do_bench (25 ms warm-up, 200 ms of repeats, L2 flushed between).
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -119,8 +118,9 @@ def _attention_lengths(case):
 
 def _attention(case, impl, device, dtype):
     """(step, flops): forward + backward of attention over the case's sequences, its useful FLOPs."""
-    import flipkern as fk
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flipkern as fk
     lengths, width, causal = _attention_lengths(case)
     flops = 4 * H * DH * sum(n * n for n in lengths.tolist()) * (0.5 if causal else 1.0) * 3.5
     if impl == "native":

@@ -29,8 +29,8 @@ def cut_timm_trunks(values=False, depth=1, **overrides):
     it and ``overrides`` (e.g. embed_dim). Without ``values`` the trunk is built on the meta
     device and given uninitialized CPU storage: apply_to_timm inspects the structure, not the
     values, and nothing big is initialized."""
-    import timm
     import open_clip.timm_model as tm
+    import timm
     create = timm.create_model
 
     def create_cut(name, **kw):

@@ -21,8 +21,8 @@ could run in the same time), measured from the equal-step runs.
 summary.json is already there (a benchmark stopped half-way resumes; runs
 launched in batches are collected into one JSON).
 """
-import concurrent.futures as cf
 import argparse
+import concurrent.futures as cf
 import json
 import os
 import platform
@@ -98,7 +98,8 @@ def main():
             """specs: {key: (flags, steps, unmasked tune steps)} -> {key: dict(runs, mean)}, every
             seed of every arm; the arms of one seed are submitted together."""
             jobs = {(key, seed): pool.submit(run_one, flags, steps, seed, args.mask_ratio,
-                                             os.path.join(tmp, f"{key}-{steps}-{seed}".replace(" ", "_").replace(",", "")),
+                                             os.path.join(tmp, f"{key}-{steps}-{seed}".replace(" ", "_")
+                                                  .replace(",", "")),
                                              tune_steps, args.threads)
                     for seed in args.seeds for key, (flags, steps, tune_steps) in specs.items()}
             out = {}

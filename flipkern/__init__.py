@@ -32,17 +32,17 @@ def _alias_reference():
 
 _alias_reference()
 
-from . import reference  # noqa: E402
-from .backends import backends_used, use_backend  # noqa: E402
-from .masking import (drop_tokens, gather_patches, random_keep_indices, restore_tokens,  # noqa: E402
-                      topk_keep_indices)
-from .losses import clip_loss, siglip_loss  # noqa: E402
-from .attention import (cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack,  # noqa: E402
-                        varlen_attention)
-from . import fastpath  # noqa: E402
-from .accumulate import contrastive_backward  # noqa: E402
-from .open_clip_patch import apply_to_open_clip  # noqa: E402
-from .timm_patch import apply_to_timm, forward_with_keep  # noqa: E402
+from . import (
+    fastpath,
+    reference,
+)
+from .accumulate import contrastive_backward
+from .attention import cu_seqlens_from_lengths, pack, packed_from_padding_mask, unpack, varlen_attention
+from .backends import backends_used, use_backend
+from .losses import clip_loss, siglip_loss
+from .masking import drop_tokens, gather_patches, random_keep_indices, restore_tokens, topk_keep_indices
+from .open_clip_patch import apply_to_open_clip
+from .timm_patch import apply_to_timm, forward_with_keep
 
 
 def info():

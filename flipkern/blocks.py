@@ -21,7 +21,6 @@ Only attention differs between the two layouts, so it is the one argument
 """
 from typing import Callable, NamedTuple, Optional
 
-import torch
 import torch.nn.functional as F
 
 from .attention import varlen_attention

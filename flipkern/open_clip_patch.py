@@ -131,7 +131,8 @@ def _patch_visual(visual):
         return "attentional pooling is not covered"
     if isinstance(visual.patch_dropout, PatchDropout) and not visual.patch_dropout.exclude_first_token:
         return "PatchDropout(exclude_first_token=False) is not covered"
-    if visual.grid_size[0] * visual.patch_size[0] != visual.image_size[0] or visual.patch_size[0] != visual.patch_size[1]:
+    if (visual.grid_size[0] * visual.patch_size[0] != visual.image_size[0]
+            or visual.patch_size[0] != visual.patch_size[1]):
         return "non-square patches or an image size the patch size does not divide"
     return _install(visual, "forward", _visual_forward, visual.transformer)
 
@@ -151,13 +152,15 @@ def _encode_text(model, text, normalize=False):
     lengths = _text_end(model, text) + 1  # causal: nothing after the pooled token reaches it
     packed_tokens, cu = pack(text, lengths)
     positions, _ = pack(torch.arange(L, device=text.device).expand(B, L), lengths)
-    x = model.token_embedding(packed_tokens).to(cast_dtype) + F.embedding(positions, model.positional_embedding).to(cast_dtype)
+    x = (model.token_embedding(packed_tokens).to(cast_dtype)
+         + F.embedding(positions, model.positional_embedding).to(cast_dtype))
     fastpath._composed["open_clip.text"] = "packed, varlen causal attention"
     # max_seqlen: L bounds every length and needs no device sync (as fastpath.encode_text)
     x = _run_blocks(model.transformer, packed_block_forward, x, cu, L, True)
     x = model.ln_final(x[cu[1:].long() - 1])
     if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        proj = model.text_projection
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
     return F.normalize(x, dim=-1) if normalize else x
 
 

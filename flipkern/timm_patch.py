@@ -148,7 +148,8 @@ def _embed(model, images, ids_keep):
                          f"got shape {tuple(images.shape)}")
     gh, gw = pe.grid_size
     p = pe.patch_size[0]
-    if tuple(images.shape[-2:]) != (gh * p, gw * p):  # a stride-p conv without padding never reads the rows and columns past the grid
+    # a stride-p conv without padding never reads the rows and columns past the grid
+    if tuple(images.shape[-2:]) != (gh * p, gw * p):
         images = images[..., :gh * p, :gw * p].contiguous()
     P = model.num_prefix_tokens
     pos = None if model.pos_embed is None else model.pos_embed[0]

@@ -7,6 +7,6 @@ never imports flipkern.
 
 Installed as ``flipkern.reference`` (setup.py package_dir).
 """
-from . import masking, attention, losses, vit, text, clip, mae  # noqa: F401
+from . import attention, clip, losses, mae, masking, text, vit  # noqa: F401
 
 __all__ = ["masking", "attention", "losses", "vit", "text", "clip", "mae"]

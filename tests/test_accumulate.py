@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_fastpath import keep, make_batch, make_config, make_model
 
 import flipkern as fk
 from flipkern import fastpath
 from flipkern.pretrain.train import _ForwardModule
-from test_fastpath import keep, make_batch, make_config, make_model
 
 MICRO_BATCH, ACCUM = 3, 4
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64 vs float64, summed in another order (docs/DESIGN.md section 4)

@@ -40,9 +40,11 @@ def _attn(cu, max_seqlen=6):
 CASES = {
     # masking
     "drop_tokens index too large": (lambda: fk.drop_tokens(_x(), _ids([[0, 5], [1, 2]])), RuntimeError,
-                                    "flipkern.drop_tokens: ids_keep has values in [0, 5], outside the valid range [0, 5)"),
+                                    "flipkern.drop_tokens: ids_keep has values in [0, 5], "
+                                    "outside the valid range [0, 5)"),
     "drop_tokens negative index": (lambda: fk.drop_tokens(_x(), _ids([[0, -1], [1, 2]])), RuntimeError,
-                                   "flipkern.drop_tokens: ids_keep has values in [-1, 2], outside the valid range [0, 5)"),
+                                   "flipkern.drop_tokens: ids_keep has values in [-1, 2], "
+                                   "outside the valid range [0, 5)"),
     "drop_tokens int32 ids": (lambda: fk.drop_tokens(_x(), _ids([[0, 1], [1, 2]]).int()), ValueError,
                               "flipkern.drop_tokens: ids_keep must have dtype in ['torch.int64'], got torch.int32"),
     "gather_patches index too large": (lambda: fk.gather_patches(torch.randn(2, 3, 8, 8), _ids([[0, 4], [1, 2]]), 4),

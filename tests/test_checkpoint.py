@@ -11,10 +11,10 @@ import time
 
 import pytest
 import torch
+from test_pretrain import MICRO, ROOT, _env
 
 from flipkern.pretrain import checkpoint as ckpt
 from flipkern.pretrain.cli import main
-from test_pretrain import MICRO, ROOT, _env
 
 
 def _save(out, step, size=1000):

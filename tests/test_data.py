@@ -3,7 +3,6 @@ skipping of bad samples, and rank-independent order and masks."""
 import gzip
 import hashlib
 import io
-import os
 import tarfile
 
 import numpy as np
@@ -11,9 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from flipkern.data import (BPETokenizer, ByteTokenizer, CsvDataset, DataError, GlobalBatchSampler, SyntheticConfig,
-                           SyntheticShapes, TarShardDataset, expand_braces, expand_urls, make_train_loader,
-                           preprocess, sample_keep_indices)
+from flipkern.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    CsvDataset,
+    DataError,
+    GlobalBatchSampler,
+    SyntheticConfig,
+    SyntheticShapes,
+    TarShardDataset,
+    expand_braces,
+    expand_urls,
+    make_train_loader,
+    preprocess,
+    sample_keep_indices,
+)
 from flipkern.data.loader import SkipBad, epoch_permutation
 
 # ----------------------------------------------------------------------------- synthetic

@@ -10,14 +10,13 @@ import io
 
 import pytest
 import torch
+from _tolerance import assert_close_to_reference
 
 import flipkern
 from flipkern import fastpath
 from flipkern.reference import clip as rclip
 from flipkern.reference import masking as rmask
 from flipkern.reference.text import eot_positions
-
-from _tolerance import assert_close_to_reference, max_err
 
 TINY = rclip.PRESETS["tiny"]
 EOT = TINY.text.eot_id
@@ -251,7 +250,8 @@ def test_bad_arguments_name_themselves():
         with pytest.raises(RuntimeError, match=r"keep_lengths has values in \[99, 99\]"):
             fastpath.clip_forward(model, images, tokens, ids, fast=fast, keep_lengths=torch.full((6,), 99))
         # a sample that keeps nothing has no image feature (was zeros fast, NaN reference)
-        with pytest.raises(RuntimeError, match=r"keep_lengths has values in \[0, 8\], outside the valid range \[1, 8\]"):
+        with pytest.raises(RuntimeError, match=r"keep_lengths has values in \[0, 8\], "
+                                                 r"outside the valid range \[1, 8\]"):
             fastpath.clip_forward(model, images, tokens, ids, fast=fast,
                                   keep_lengths=torch.tensor([0, 8, 7, 2, 8, 3]))
         with pytest.raises(ValueError, match="keep_lengths must have dtype"):

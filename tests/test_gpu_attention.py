@@ -4,8 +4,8 @@ edge cases run on CUDA, no host sync in a steady-state step, bitwise-reproducibl
 backward and tensors on a non-current device. (test_attention_ops.py::test_varlen_attention_cuda
 covers bf16/fp16/fp32 at Dh 32-256.) Skipped without CUDA; benchmarks/run_gpu.sh runs them."""
 import pytest
-import torch
 import test_attention_ops as cpu
+import torch
 from _gpu import bitwise_equal, gpu_backends, grads_of, needs_cuda, needs_two_gpus, on_cuda, run_cpu_tests_on_cuda
 
 import flipkern as fk

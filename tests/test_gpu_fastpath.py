@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-import torch
 import test_fastpath as fp
 import test_open_clip_patch as ocp
 import test_pretrain as tp
+import torch
 from _gpu import gpu_backends, needs_cuda
 from _tolerance import assert_close_to_reference
 

@@ -3,8 +3,8 @@
 backward and tensors on a non-current device. Skipped without CUDA;
 benchmarks/run_gpu.sh runs them."""
 import pytest
-import torch
 import test_losses as cpu
+import torch
 from _gpu import bitwise_equal, gpu_backends, needs_cuda, needs_two_gpus, on_cuda
 
 import flipkern as fk

@@ -4,11 +4,11 @@ default device, plus what only a GPU can show (grid-stride loops past the 65535-
 grid, bitwise-reproducible backward, tensors on a non-current device). Skipped without
 CUDA; benchmarks/run_gpu.sh runs them."""
 import pytest
-import torch
 import test_masking_indices as indices
 import test_masking_ops as drop
 import test_masking_patches as patches
 import test_masking_restore as restore
+import torch
 from _gpu import bitwise_equal, gpu_backends, grads_of, needs_cuda, needs_two_gpus, on_cuda, run_cpu_tests_on_cuda
 
 import flipkern as fk

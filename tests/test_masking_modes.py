@@ -84,7 +84,7 @@ def test_random_share_keeps_the_attentive_top_and_random_others():
 
 
 def test_random_share_noise_is_the_same_with_any_number_of_processes():
-    visual, images = _visual(), _images(8)
+    visual = _visual()
     one = _attentive(visual, 0.5, global_batch=8)
     two = [_attentive(visual, 0.5, global_batch=8, rank=r) for r in (0, 1)]
     scores = torch.zeros(4, 16)

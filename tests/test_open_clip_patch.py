@@ -8,11 +8,10 @@ import copy
 
 import pytest
 import torch
+from _tolerance import assert_close_to_reference
 
 import flipkern
 from flipkern import fastpath
-
-from _tolerance import assert_close_to_reference
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402

@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from _tolerance import assert_close_to_reference
 
 pytest.importorskip("open_clip_train.main", reason="open_clip_train needs open_clip_torch[training] "
@@ -183,6 +182,7 @@ def test_two_ranks_under_torchrun_gloo(workdir, case):
 
 def test_install_fails_loudly_when_open_clip_train_moved(monkeypatch):
     import open_clip_train.main as train_main
+
     from flipkern import open_clip_train
     monkeypatch.delattr(train_main, "create_loss")
     with pytest.raises(RuntimeError, match="no longer uses create_loss"):
@@ -201,8 +201,10 @@ def test_uncovered_parts_run_stock_and_are_reported(caplog):
     """What the patch does not cover is logged as stock open_clip with the reason, never an error."""
     import argparse
     import logging
+
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIP
+
     from flipkern.open_clip_train import _patched_loss_factory, _patched_model_factory
     caplog.set_level(logging.INFO)
     model = CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=64, head_width=32, image_size=32, patch_size=8,

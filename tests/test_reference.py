@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from flipkern.reference import attention, clip, losses, masking, text, vit
 
-
 # ----------------------------------------------------------------------------- masking
 
 def test_random_keep_indices_unique_sorted_in_range():
@@ -205,7 +204,8 @@ def _distributed_worker(rank, world, init_file, which, img, txt, queue):
     loss.backward()
     # DDP would all-reduce-average the parameter gradients (scale, bias) and the loss for logging;
     # feature gradients stay with their owners, averaged likewise by DDP through the towers.
-    stats = torch.stack([loss.detach(), scale.grad, bias.grad if bias.grad is not None else torch.zeros((), dtype=torch.float64)])
+    bias_grad = bias.grad if bias.grad is not None else torch.zeros((), dtype=torch.float64)
+    stats = torch.stack([loss.detach(), scale.grad, bias_grad])
     dist.all_reduce(stats)
     queue.put((rank, (stats / world).tolist(), (mine_i.grad / world).tolist(), (mine_t.grad / world).tolist()))
     dist.destroy_process_group()

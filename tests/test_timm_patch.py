@@ -11,11 +11,10 @@ import copy
 
 import pytest
 import torch
+from _tolerance import assert_close_to_reference
 
 import flipkern
 from flipkern import fastpath
-
-from _tolerance import assert_close_to_reference
 
 timm = pytest.importorskip("timm")
 

@@ -1,8 +1,15 @@
 """Data for the pretraining job: the built-in synthetic dataset, CSV/TSV and
 WebDataset-style tar shards, tokenizers, and the rank-independent loader."""
 from .datasets import CorruptSample, CsvDataset, DataError, TarShardDataset, detect_type, expand_braces, expand_urls
-from .loader import (Collate, GlobalBatchSampler, SkipBad, make_eval_loader, make_train_loader, num_keep_for,
-                     sample_keep_indices)
+from .loader import (
+                     Collate,
+                     GlobalBatchSampler,
+                     SkipBad,
+                     make_eval_loader,
+                     make_train_loader,
+                     num_keep_for,
+                     sample_keep_indices,
+)
 from .synthetic import SyntheticConfig, SyntheticShapes
 from .tokenizer import BPETokenizer, ByteTokenizer, build_tokenizer
 from .transforms import CLIP_MEAN, CLIP_STD, denormalize, preprocess

@@ -6,5 +6,4 @@
 from .cli import build_parser, main, parse_args
 from .train import run
 
-
 __all__ = ["main", "parse_args", "build_parser", "run"]

@@ -179,7 +179,8 @@ def _add_masking_args(m):
 
 def _add_output_args(c):
     c.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
-    c.add_argument("--checkpoint-every", type=_nonneg_int, default=200, help="steps between checkpoints (0: only at the end)")
+    c.add_argument("--checkpoint-every", type=_nonneg_int, default=200,
+                   help="steps between checkpoints (0: only at the end)")
     c.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, help="keep the last N (0: all)")
     c.add_argument("--resume", default=None, help="checkpoint to resume from ('latest': the output dir's newest)")
     c.add_argument("--no-auto-resume", dest="auto_resume", action="store_false", default=True,
@@ -205,6 +206,7 @@ def parse_args(argv=None):
         parser.error(f"--unmasked-tune-steps {args.unmasked_tune_steps} exceeds --steps {args.steps}")
     if args.device == "cuda":
         import torch
+
         from .build import cuda_holds_ranks, local_ranks
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")

@@ -7,7 +7,6 @@ The MAE decoder (flipkern.reference.mae.MAEDecoder, --mae-decoder-*) reads the
 vision tower's kept tokens; steps without masking (FLIP's unmasked tuning)
 remove no patch, so they have no reconstruction loss.
 """
-import torch
 
 from .. import fastpath
 from ..reference import mae as ref_mae

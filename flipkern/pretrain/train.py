@@ -1,5 +1,6 @@
 """The pretraining loop: data, model, AdamW + warmup/cosine, mixed precision,
-gradient accumulation with full-batch negatives, activation checkpointing, DDP, FLIP masking, checkpoints, evaluation, summary.
+gradient accumulation with full-batch negatives, activation checkpointing, DDP, FLIP
+masking, checkpoints, evaluation, summary.
 
 ``run(args)`` takes the namespace of ``cli.parse_args`` and returns the summary
 dict (or raises DataError / CLIError for unusable input, NonFiniteLoss when the
@@ -35,8 +36,7 @@ from ..accumulate import contrastive_backward
 from ..reference import clip as refclip
 from . import checkpoint as ckpt
 from . import objectives
-from .build import (WarmupCosine, build_datasets, model_config, param_groups, resolve_precision,
-                    setup_distributed)
+from .build import WarmupCosine, build_datasets, model_config, param_groups, resolve_precision, setup_distributed
 from .errors import PROG, CLIError, NonFiniteLoss
 from .evaluate import evaluate
 from .masking_modes import build_masking

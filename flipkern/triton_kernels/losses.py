@@ -212,7 +212,8 @@ def _bwd_cols_kernel(A, B, LA, LB, DB, SCALE, BIAS, GRAD, R, N, D, span, offset,
 
 def _meta(x):
     BM, BN, BK, BD, warps = _blocks(x.shape[1], x.dtype, x.device)
-    return dict(ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype), UPCAST=interpreter_upcast(x), BLOCK_M=BM, BLOCK_N=BN,
+    return dict(ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype), UPCAST=interpreter_upcast(x),
+                BLOCK_M=BM, BLOCK_N=BN,
                 BLOCK_K=BK, num_warps=warps), BD
 
 
