@@ -32,7 +32,7 @@ def _formula(packet, flops_of):
     """A FlopCounterMode formula for packet that calls flops_of({argument name: value}, backward)
     (the op's schema names its arguments; the real values are passed: cu_seqlens are needed)."""
     names = [a.name for a in packet.default._schema.arguments]
-    backward = packet.default._schema.name.endswith(("backward", "_bwd", "_bwd_triton"))
+    backward = packet.default._schema.name.endswith(("_backward", "_backward_triton"))
 
     def count(*args, out_val=None, **kwargs):
         return flops_of({**dict(zip(names, args)), **kwargs}, backward)
@@ -73,7 +73,7 @@ def _mapping():
             if hasattr(aten, op):
                 mapping[getattr(aten, op)] = _formula(getattr(aten, op), _sdpa_flops)
     for name, flops_of in FLIPKERN_OPS.items():
-        for op in (f"{name}_fwd", f"{name}_bwd", f"{name}_fwd_triton", f"{name}_bwd_triton"):
+        for op in (f"{name}_forward", f"{name}_backward", f"{name}_forward_triton", f"{name}_backward_triton"):
             if hasattr(fk, op):  # the C++ ops exist once the extension loaded
                 mapping[getattr(fk, op)] = _formula(getattr(fk, op), flops_of)
     return mapping

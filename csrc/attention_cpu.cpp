@@ -134,7 +134,7 @@ at::Tensor scores(const at::Tensor& Qb, const at::Tensor& Kb, double scale, bool
 
 // ----------------------------------------------------------------------------- forward
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     int64_t max_seqlen, bool causal, double scale) {
   const flipkern::NoAutocast no_autocast;
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(
 
 // ----------------------------------------------------------------------------- backward
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,
     bool causal, double scale) {
@@ -223,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flipkern, CPU, m) {
-  m.impl("varlen_attention_fwd", &varlen_attention_fwd_cpu);
-  m.impl("varlen_attention_bwd", &varlen_attention_bwd_cpu);
+  m.impl("varlen_attention_forward", &varlen_attention_forward_cpu);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
 }
 
 }  // namespace flipkern

@@ -231,7 +231,7 @@ dim3 grid(int64_t B, int64_t blocks_per_seq, int64_t H, const char* op) {
   return dim3(static_cast<unsigned>(B * blocks_per_seq), static_cast<unsigned>(H));
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens,
     int64_t max_seqlen, bool causal, double scale) {
   check_qkv(q_in, k_in, v_in, kFwd);
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
   const auto cu = cu_seqlens.contiguous();
   const int64_t bps = ceil_div(max_seqlen, kWarpsPerBlock);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "varlen_attention_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "varlen_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t><<<grid(B, bps, H, kFwd), kWarp * kWarpsPerBlock, 0, stream>>>(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
     bool causal, double scale) {
@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   const int64_t bps = ceil_div(max_seqlen, kWarpsPerBlock);
   const int threads = kWarp * kWarpsPerBlock;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "varlen_attention_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "varlen_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int32_t* cup = cu.const_data_ptr<int32_t>();
     const int dh = static_cast<int>(Dh);
@@ -309,8 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flipkern, CUDA, m) {
-  m.impl("varlen_attention_fwd", &varlen_attention_fwd_cuda);
-  m.impl("varlen_attention_bwd", &varlen_attention_bwd_cuda);
+  m.impl("varlen_attention_forward", &varlen_attention_forward_cuda);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cuda);
 }
 
 }  // namespace flipkern

@@ -197,7 +197,7 @@ std::pair<double, double> pass_backward(const PassGrad& p, const at::Tensor& A,
 
 // ----------------------------------------------------------------------------- ops
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_forward_cpu(
     const at::Tensor& all_image, const at::Tensor& all_text, const at::Tensor& logit_scale,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
   const flipkern::NoAutocast no_autocast;
@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cpu(
   const int64_t N = I.size(0), b = local_batch;
   const double s = logit_scale.item<double>();
   auto lse_image = at::empty({b}, I.options()), lse_text = at::empty({b}, I.options());
-  AT_DISPATCH_FLOATING_TYPES(op, "clip_loss_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(op, "clip_loss_forward_cpu", [&] {
     if (b == N) {  // one process: the text->image rows are the columns of the same matrix
       softmax_stats<scalar_t>(I, T, s, chunk_size, lse_image, &lse_text);
     } else {
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cpu(
   return {value.to(all_image.scalar_type()), lse_image, lse_text};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& all_image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& lse_image, const at::Tensor& lse_text,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
   double dscale = 0;
   const auto c = loss::clip_coef(b, b == N);
   const double coef = g / c.div, pos_coef = coef * c.pos_mult;
-  AT_DISPATCH_FLOATING_TYPES(op, "clip_loss_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(op, "clip_loss_backward_cpu", [&] {
     if (b == N) {  // one matrix holds both directions: its rows and its columns
       PassGrad p{Kind::Softmax, s, 0.0, coef, pos_coef, 0, lse_image, lse_text};
       dscale = pass_backward<scalar_t>(p, I, T, chunk_size, dI, dT).first;
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cpu(
           at::scalar_tensor(dscale, logit_scale.options())};
 }
 
-at::Tensor siglip_loss_fwd_cpu(const at::Tensor& image, const at::Tensor& all_text,
+at::Tensor siglip_loss_forward_cpu(const at::Tensor& image, const at::Tensor& all_text,
                                const at::Tensor& logit_scale, const at::Tensor& logit_bias,
                                int64_t offset, int64_t chunk_size) {
   const flipkern::NoAutocast no_autocast;
@@ -266,7 +266,7 @@ at::Tensor siglip_loss_fwd_cpu(const at::Tensor& image, const at::Tensor& all_te
   const int64_t b = I.size(0);
   const double s = logit_scale.item<double>(), bias = logit_bias.item<double>();
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES(op, "siglip_loss_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(op, "siglip_loss_forward_cpu", [&] {
     total = softplus_sum<scalar_t>(I, T, s, bias, chunk_size);
   });
   // -log sigmoid(x) = softplus(x) - x on the positives, softplus(x) elsewhere.
@@ -275,7 +275,7 @@ at::Tensor siglip_loss_fwd_cpu(const at::Tensor& image, const at::Tensor& all_te
   return ((total - pos) / static_cast<double>(b)).to(image.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& logit_bias, int64_t offset,
     int64_t chunk_size) {
@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cpu(
   double dscale = 0, dbias = 0;
   const auto c = loss::siglip_coef(b);
   const double coef = g / c.div;
-  AT_DISPATCH_FLOATING_TYPES(op, "siglip_loss_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(op, "siglip_loss_backward_cpu", [&] {
     PassGrad p{Kind::Sigmoid, s, bias, coef, coef * c.pos_mult, offset, at::Tensor(), at::Tensor()};
     std::tie(dscale, dbias) = pass_backward<scalar_t>(p, I, T, chunk_size, dI, dT);
   });
@@ -303,10 +303,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flipkern, CPU, m) {
-  m.impl("clip_loss_fwd", &clip_loss_fwd_cpu);
-  m.impl("clip_loss_bwd", &clip_loss_bwd_cpu);
-  m.impl("siglip_loss_fwd", &siglip_loss_fwd_cpu);
-  m.impl("siglip_loss_bwd", &siglip_loss_bwd_cpu);
+  m.impl("clip_loss_forward", &clip_loss_forward_cpu);
+  m.impl("clip_loss_backward", &clip_loss_backward_cpu);
+  m.impl("siglip_loss_forward", &siglip_loss_forward_cpu);
+  m.impl("siglip_loss_backward", &siglip_loss_backward_cpu);
 }
 
 }  // namespace flipkern

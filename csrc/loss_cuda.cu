@@ -247,7 +247,7 @@ void pass_backward(const PassGrad& pg, const at::Tensor& grad, const at::Tensor&
 
 // ----------------------------------------------------------------------------- ops
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_forward_cuda(
     const at::Tensor& all_image, const at::Tensor& all_text, const at::Tensor& logit_scale,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
   const flipkern::NoAutocast no_autocast;
@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_fwd_cuda(
           lse_text};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_backward_cuda(
     const at::Tensor& grad, const at::Tensor& all_image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& lse_image, const at::Tensor& lse_text,
     int64_t offset, int64_t local_batch, int64_t chunk_size) {
@@ -298,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_bwd_cuda(
           part[0].to(logit_scale.scalar_type())};
 }
 
-at::Tensor siglip_loss_fwd_cuda(const at::Tensor& image, const at::Tensor& all_text,
+at::Tensor siglip_loss_forward_cuda(const at::Tensor& image, const at::Tensor& all_text,
                                 const at::Tensor& logit_scale, const at::Tensor& logit_bias,
                                 int64_t offset, int64_t chunk_size) {
   const flipkern::NoAutocast no_autocast;
@@ -315,7 +315,7 @@ at::Tensor siglip_loss_fwd_cuda(const at::Tensor& image, const at::Tensor& all_t
   return ((rows.sum() - pos) / static_cast<double>(b)).to(image.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward_cuda(
     const at::Tensor& grad, const at::Tensor& image, const at::Tensor& all_text,
     const at::Tensor& logit_scale, const at::Tensor& logit_bias, int64_t offset,
     int64_t chunk_size) {
@@ -338,10 +338,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flipkern, CUDA, m) {
-  m.impl("clip_loss_fwd", &clip_loss_fwd_cuda);
-  m.impl("clip_loss_bwd", &clip_loss_bwd_cuda);
-  m.impl("siglip_loss_fwd", &siglip_loss_fwd_cuda);
-  m.impl("siglip_loss_bwd", &siglip_loss_bwd_cuda);
+  m.impl("clip_loss_forward", &clip_loss_forward_cuda);
+  m.impl("clip_loss_backward", &clip_loss_backward_cuda);
+  m.impl("siglip_loss_forward", &siglip_loss_forward_cuda);
+  m.impl("siglip_loss_backward", &siglip_loss_backward_cuda);
 }
 
 }  // namespace flipkern

@@ -137,7 +137,7 @@ at::Tensor drop_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& id
   if (grad.numel() == 0) return dx;
   const auto sg = strides3(grad);
   auto ids_a = ids.accessor<int64_t, 2>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "drop_tokens_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "drop_tokens_backward_cpu", [&] {
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
     // One task per sample: its rows are written by one thread only, so repeated
@@ -188,7 +188,7 @@ at::Tensor gather_patches_backward_cpu(const at::Tensor& grad, const at::Tensor&
   const PatchGeom g = patch_geom(dimages, p);
   const auto sg = strides3(grad);
   auto ids_a = ids.accessor<int64_t, 2>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "gather_patches_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "gather_patches_backward_cpu", [&] {
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* dp = dimages.mutable_data_ptr<scalar_t>();
     // One task per sample, as in drop_tokens_backward: a repeated patch accumulates

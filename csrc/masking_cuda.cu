@@ -147,7 +147,7 @@ at::Tensor drop_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& i
   auto dx = at::zeros({B, num_tokens, D}, grad.options());
   if (grad.numel() == 0) return dx;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "drop_tokens_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "drop_tokens_backward_cuda", [&] {
     drop_tokens_backward_kernel<scalar_t><<<blocks_for((B * D + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), dx.mutable_data_ptr<scalar_t>(),
         B, K, num_tokens, D, strides3(grad), ids.stride(0), ids.stride(1));
@@ -185,7 +185,7 @@ at::Tensor gather_patches_backward_cuda(const at::Tensor& grad, const at::Tensor
   const PatchGeom g = patch_geom(dimages, p);
   const int64_t num_patches = (shape[2] / p) * g.grid_w;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "gather_patches_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "gather_patches_backward_cuda", [&] {
     gather_patches_backward_kernel<scalar_t><<<blocks_for((B * E + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(), dimages.mutable_data_ptr<scalar_t>(),
         B, K, num_patches, E, g, strides3(grad), ids.stride(0), ids.stride(1));

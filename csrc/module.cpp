@@ -35,10 +35,10 @@ TORCH_LIBRARY(flipkern, m) {
   // q, k, v [total, H, Dh] packed, cu_seqlens int32 [B+1] -> (out [total, H, Dh],
   // lse [H, total] in float32, float64 for float64 inputs: the per-row logsumexp of
   // the scaled scores, all the backward keeps besides q, k, v and out).
-  m.def("varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
+  m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
         "bool causal, float scale) -> (Tensor, Tensor)");
   // -> (grad_q, grad_k, grad_v), each shaped and typed like q.
-  m.def("varlen_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+  m.def("varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens, SymInt max_seqlen, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 
   // --- contrastive losses (loss_cpu.cpp, loss_cuda.cu; chunk math in loss_chunks.h) ---
@@ -47,17 +47,17 @@ TORCH_LIBRARY(flipkern, m) {
   // logit_scale: 0-d. -> (loss 0-d in the features' dtype, lse_image [local_batch],
   // lse_text [local_batch]: the logsumexp of each local image's row over all texts and of
   // each local text's row over all images, float32 (float64 for float64 features)).
-  m.def("clip_loss_fwd(Tensor all_image, Tensor all_text, Tensor logit_scale, SymInt offset, "
+  m.def("clip_loss_forward(Tensor all_image, Tensor all_text, Tensor logit_scale, SymInt offset, "
         "SymInt local_batch, SymInt chunk_size) -> (Tensor, Tensor, Tensor)");
   // grad 0-d -> (grad_all_image [N, D], grad_all_text [N, D], grad_logit_scale 0-d)
-  m.def("clip_loss_bwd(Tensor grad, Tensor all_image, Tensor all_text, Tensor logit_scale, "
+  m.def("clip_loss_backward(Tensor grad, Tensor all_image, Tensor all_text, Tensor logit_scale, "
         "Tensor lse_image, Tensor lse_text, SymInt offset, SymInt local_batch, SymInt chunk_size) "
         "-> (Tensor, Tensor, Tensor)");
   // SigLIP: image [b, D] (local) against all_text [N, D]; image i's positive is text
   // offset + i. -> loss 0-d in the features' dtype.
-  m.def("siglip_loss_fwd(Tensor image, Tensor all_text, Tensor logit_scale, Tensor logit_bias, "
+  m.def("siglip_loss_forward(Tensor image, Tensor all_text, Tensor logit_scale, Tensor logit_bias, "
         "SymInt offset, SymInt chunk_size) -> Tensor");
   // -> (grad_image [b, D], grad_all_text [N, D], grad_logit_scale, grad_logit_bias)
-  m.def("siglip_loss_bwd(Tensor grad, Tensor image, Tensor all_text, Tensor logit_scale, "
+  m.def("siglip_loss_backward(Tensor grad, Tensor image, Tensor all_text, Tensor logit_scale, "
         "Tensor logit_bias, SymInt offset, SymInt chunk_size) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -7,10 +7,10 @@ sequence b owning rows cu_seqlens[b] .. cu_seqlens[b+1]-1 of the int32 offsets
 cu_seqlens [B+1]. Attention runs within each sequence only; no padding is ever
 computed.
 
-Backends: ``cpu`` and ``cuda`` are the C++ op pair ``flipkern::varlen_attention_fwd/_bwd``
+Backends: ``cpu`` and ``cuda`` are the C++ op pair ``flipkern::varlen_attention_forward/_backward``
 (csrc/attention_cpu.cpp: tiled ATen matmuls, parallel over sequences and heads;
 csrc/attention_cuda.cu: a plain warp-per-row kernel, correct but not tuned);
-``triton`` the Python custom ops ``flipkern::varlen_attention_fwd_triton/_bwd_triton``
+``triton`` the Python custom ops ``flipkern::varlen_attention_forward_triton/_backward_triton``
 (triton_kernels/attention.py), the fast GPU path and the default on CUDA tensors;
 ``reference`` is flipkern.reference.attention.
 """
@@ -19,6 +19,7 @@ import math
 import torch
 
 from . import _checks, _extension, backends
+from ._dtypes import stat_dtype
 from .reference import attention as ref
 
 ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -139,20 +140,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, scale=Non
             _checks.cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
         return ref.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     if backend == "triton":
-        return varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale)[0]
-    return torch.ops.flipkern.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)[0]
+        return varlen_attention_forward_triton(q, k, v, cu_seqlens, max_seqlen, causal, scale)[0]
+    return torch.ops.flipkern.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)[0]
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _forward_fake(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((H, total), dtype=_lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((H, total), dtype=stat_dtype(q.dtype))
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
+def _backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -177,19 +174,19 @@ def _autograd(backward_op):
     return backward
 
 
-@torch.library.custom_op("flipkern::varlen_attention_fwd_triton", mutates_args=())
-def varlen_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+@torch.library.custom_op("flipkern::varlen_attention_forward_triton", mutates_args=())
+def varlen_attention_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_kernels import attention as tk
     op = "varlen_attention"
     _check_structure(op, q, k, v, cu_seqlens, max_seqlen)
     _checks.cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
-    return tk.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return tk.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
-@torch.library.custom_op("flipkern::varlen_attention_bwd_triton", mutates_args=())
-def varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+@torch.library.custom_op("flipkern::varlen_attention_backward_triton", mutates_args=())
+def varlen_attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,23 +200,23 @@ def varlen_attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torc
     if tuple(lse.shape) != (q.shape[1], q.shape[0]):
         _checks.fail(op, f"lse must be [H, total] = {[q.shape[1], q.shape[0]]}, got {list(lse.shape)}")
     _checks.cu_seqlens_values(op, cu_seqlens, q.shape[0], max_seqlen)
-    return tk.varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
+    return tk.varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
 
 
-varlen_attention_fwd_triton.register_fake(_fwd_fake)
-varlen_attention_bwd_triton.register_fake(_bwd_fake)
-torch.library.register_autograd("flipkern::varlen_attention_fwd_triton",
-                                _autograd(varlen_attention_bwd_triton), setup_context=_setup)
+varlen_attention_forward_triton.register_fake(_forward_fake)
+varlen_attention_backward_triton.register_fake(_backward_fake)
+torch.library.register_autograd("flipkern::varlen_attention_forward_triton",
+                                _autograd(varlen_attention_backward_triton), setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- registration
 
 def _register_cpp_ops():
     """Fake kernels and autograd for the C++ ops; runs once the extension is loaded."""
-    torch.library.register_fake("flipkern::varlen_attention_fwd")(_fwd_fake)
-    torch.library.register_fake("flipkern::varlen_attention_bwd")(_bwd_fake)
+    torch.library.register_fake("flipkern::varlen_attention_forward")(_forward_fake)
+    torch.library.register_fake("flipkern::varlen_attention_backward")(_backward_fake)
     torch.library.register_autograd(
-        "flipkern::varlen_attention_fwd", _autograd(torch.ops.flipkern.varlen_attention_bwd),
+        "flipkern::varlen_attention_forward", _autograd(torch.ops.flipkern.varlen_attention_backward),
         setup_context=_setup)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import _checks, _extension, backends
+from ._dtypes import stat_dtype
 from .reference import losses as ref
 
 ALL_BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -72,7 +73,7 @@ def _as_scalar(op, name, value, like):
     """A 0-d floating tensor on the features' device (a Python number becomes one, in
     float32, or float64 for float64 features: not rounded to 16 bits)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=_lse_dtype(like.dtype), device=like.device)
+        return torch.tensor(float(value), dtype=stat_dtype(like.dtype), device=like.device)
     _checks.floating(op, name, value, device=like.device)
     if value.dim() != 0:
         _checks.fail(op, f"{name} must be a 0-d tensor (a scalar), got shape {tuple(value.shape)}")
@@ -146,20 +147,16 @@ def clip_loss(image_features, text_features, logit_scale, *, chunk_size=None, gr
         chunk_size = default_chunk_size(image_features.device, b, world * b)
     args = (all_image, all_text, logit_scale, rank * b, b, chunk_size)
     if backend == "triton":
-        return clip_loss_fwd_triton(*args)[0]
-    return torch.ops.flipkern.clip_loss_fwd(*args)[0]
+        return clip_loss_forward_triton(*args)[0]
+    return torch.ops.flipkern.clip_loss_forward(*args)[0]
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _clip_fwd_fake(all_image, all_text, logit_scale, offset, local_batch, chunk_size):
-    lse = all_image.new_empty((local_batch,), dtype=_lse_dtype(all_image.dtype))
+def _clip_forward_fake(all_image, all_text, logit_scale, offset, local_batch, chunk_size):
+    lse = all_image.new_empty((local_batch,), dtype=stat_dtype(all_image.dtype))
     return all_image.new_empty(()), lse, torch.empty_like(lse)
 
 
-def _clip_bwd_fake(grad, all_image, all_text, logit_scale, lse_image, lse_text, offset,
+def _clip_backward_fake(grad, all_image, all_text, logit_scale, lse_image, lse_text, offset,
                    local_batch, chunk_size):
     return (all_image.new_empty(all_image.shape), all_text.new_empty(all_text.shape),
             logit_scale.new_empty(()))
@@ -184,27 +181,27 @@ def _clip_autograd(backward_op):
     return backward
 
 
-@torch.library.custom_op("flipkern::clip_loss_fwd_triton", mutates_args=())
-def clip_loss_fwd_triton(all_image: torch.Tensor, all_text: torch.Tensor, logit_scale: torch.Tensor,
+@torch.library.custom_op("flipkern::clip_loss_forward_triton", mutates_args=())
+def clip_loss_forward_triton(all_image: torch.Tensor, all_text: torch.Tensor, logit_scale: torch.Tensor,
                          offset: int, local_batch: int,
                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_kernels import losses as tk
-    return tk.clip_loss_fwd(all_image, all_text, logit_scale, offset, local_batch)
+    return tk.clip_loss_forward(all_image, all_text, logit_scale, offset, local_batch)
 
 
-@torch.library.custom_op("flipkern::clip_loss_bwd_triton", mutates_args=())
-def clip_loss_bwd_triton(grad: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
+@torch.library.custom_op("flipkern::clip_loss_backward_triton", mutates_args=())
+def clip_loss_backward_triton(grad: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
                          logit_scale: torch.Tensor, lse_image: torch.Tensor, lse_text: torch.Tensor,
                          offset: int, local_batch: int,
                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_kernels import losses as tk
-    return tk.clip_loss_bwd(grad, all_image, all_text, logit_scale, lse_image, lse_text, offset,
+    return tk.clip_loss_backward(grad, all_image, all_text, logit_scale, lse_image, lse_text, offset,
                             local_batch)
 
 
-clip_loss_fwd_triton.register_fake(_clip_fwd_fake)
-clip_loss_bwd_triton.register_fake(_clip_bwd_fake)
-torch.library.register_autograd("flipkern::clip_loss_fwd_triton", _clip_autograd(clip_loss_bwd_triton),
+clip_loss_forward_triton.register_fake(_clip_forward_fake)
+clip_loss_backward_triton.register_fake(_clip_backward_fake)
+torch.library.register_autograd("flipkern::clip_loss_forward_triton", _clip_autograd(clip_loss_backward_triton),
                                 setup_context=_clip_setup)
 
 
@@ -232,15 +229,15 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, chunk
         chunk_size = default_chunk_size(image_features.device, b, world * b)
     args = (image_features, all_text, logit_scale, logit_bias, rank * b, chunk_size)
     if backend == "triton":
-        return siglip_loss_fwd_triton(*args)
-    return torch.ops.flipkern.siglip_loss_fwd(*args)
+        return siglip_loss_forward_triton(*args)
+    return torch.ops.flipkern.siglip_loss_forward(*args)
 
 
-def _siglip_fwd_fake(image, all_text, logit_scale, logit_bias, offset, chunk_size):
+def _siglip_forward_fake(image, all_text, logit_scale, logit_bias, offset, chunk_size):
     return image.new_empty(())
 
 
-def _siglip_bwd_fake(grad, image, all_text, logit_scale, logit_bias, offset, chunk_size):
+def _siglip_backward_fake(grad, image, all_text, logit_scale, logit_bias, offset, chunk_size):
     return (image.new_empty(image.shape), all_text.new_empty(all_text.shape),
             logit_scale.new_empty(()), logit_bias.new_empty(()))
 
@@ -259,41 +256,41 @@ def _siglip_autograd(backward_op):
     return backward
 
 
-@torch.library.custom_op("flipkern::siglip_loss_fwd_triton", mutates_args=())
-def siglip_loss_fwd_triton(image: torch.Tensor, all_text: torch.Tensor, logit_scale: torch.Tensor,
+@torch.library.custom_op("flipkern::siglip_loss_forward_triton", mutates_args=())
+def siglip_loss_forward_triton(image: torch.Tensor, all_text: torch.Tensor, logit_scale: torch.Tensor,
                            logit_bias: torch.Tensor, offset: int, chunk_size: int) -> torch.Tensor:
     from .triton_kernels import losses as tk
-    return tk.siglip_loss_fwd(image, all_text, logit_scale, logit_bias, offset)
+    return tk.siglip_loss_forward(image, all_text, logit_scale, logit_bias, offset)
 
 
-@torch.library.custom_op("flipkern::siglip_loss_bwd_triton", mutates_args=())
-def siglip_loss_bwd_triton(grad: torch.Tensor, image: torch.Tensor, all_text: torch.Tensor,
+@torch.library.custom_op("flipkern::siglip_loss_backward_triton", mutates_args=())
+def siglip_loss_backward_triton(grad: torch.Tensor, image: torch.Tensor, all_text: torch.Tensor,
                            logit_scale: torch.Tensor, logit_bias: torch.Tensor, offset: int,
                            chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                      torch.Tensor]:
     from .triton_kernels import losses as tk
-    return tk.siglip_loss_bwd(grad, image, all_text, logit_scale, logit_bias, offset)
+    return tk.siglip_loss_backward(grad, image, all_text, logit_scale, logit_bias, offset)
 
 
-siglip_loss_fwd_triton.register_fake(_siglip_fwd_fake)
-siglip_loss_bwd_triton.register_fake(_siglip_bwd_fake)
-torch.library.register_autograd("flipkern::siglip_loss_fwd_triton",
-                                _siglip_autograd(siglip_loss_bwd_triton), setup_context=_siglip_setup)
+siglip_loss_forward_triton.register_fake(_siglip_forward_fake)
+siglip_loss_backward_triton.register_fake(_siglip_backward_fake)
+torch.library.register_autograd("flipkern::siglip_loss_forward_triton",
+                                _siglip_autograd(siglip_loss_backward_triton), setup_context=_siglip_setup)
 
 
 # ----------------------------------------------------------------------------- registration
 
 def _register_cpp_ops():
     """Fake kernels and autograd for the C++ ops; runs once the extension is loaded."""
-    torch.library.register_fake("flipkern::clip_loss_fwd")(_clip_fwd_fake)
-    torch.library.register_fake("flipkern::clip_loss_bwd")(_clip_bwd_fake)
-    torch.library.register_fake("flipkern::siglip_loss_fwd")(_siglip_fwd_fake)
-    torch.library.register_fake("flipkern::siglip_loss_bwd")(_siglip_bwd_fake)
-    torch.library.register_autograd("flipkern::clip_loss_fwd",
-                                    _clip_autograd(torch.ops.flipkern.clip_loss_bwd),
+    torch.library.register_fake("flipkern::clip_loss_forward")(_clip_forward_fake)
+    torch.library.register_fake("flipkern::clip_loss_backward")(_clip_backward_fake)
+    torch.library.register_fake("flipkern::siglip_loss_forward")(_siglip_forward_fake)
+    torch.library.register_fake("flipkern::siglip_loss_backward")(_siglip_backward_fake)
+    torch.library.register_autograd("flipkern::clip_loss_forward",
+                                    _clip_autograd(torch.ops.flipkern.clip_loss_backward),
                                     setup_context=_clip_setup)
-    torch.library.register_autograd("flipkern::siglip_loss_fwd",
-                                    _siglip_autograd(torch.ops.flipkern.siglip_loss_bwd),
+    torch.library.register_autograd("flipkern::siglip_loss_forward",
+                                    _siglip_autograd(torch.ops.flipkern.siglip_loss_backward),
                                     setup_context=_siglip_setup)
 
 

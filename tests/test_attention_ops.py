@@ -67,7 +67,7 @@ def _check_against_reference(backend, lengths, H, Dh, dtype, causal, *, scale=No
         assert_close_to_reference(a, b64, blow, name=f"{backend} {dtype} {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_attention_matches_reference(backend, dtype, causal):
@@ -222,14 +222,14 @@ def test_varlen_attention_gradcheck(backend, causal):
 def test_varlen_attention_cuda_kernels_registered():
     # Compiled and linked even with no GPU to run them (FLIPKERN_CUDA=1 forces the build).
     assert fk.info()["cuda_kernels_compiled"]
-    for op in ("varlen_attention_fwd", "varlen_attention_bwd"):
+    for op in ("varlen_attention_forward", "varlen_attention_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flipkern::{op}", "CUDA"), op
 
 
 def _ops(backend):
     if backend == "triton":
-        return torch.ops.flipkern.varlen_attention_fwd_triton, torch.ops.flipkern.varlen_attention_bwd_triton
-    return torch.ops.flipkern.varlen_attention_fwd, torch.ops.flipkern.varlen_attention_bwd
+        return torch.ops.flipkern.varlen_attention_forward_triton, torch.ops.flipkern.varlen_attention_backward_triton
+    return torch.ops.flipkern.varlen_attention_forward, torch.ops.flipkern.varlen_attention_backward
 
 
 @pytest.mark.parametrize("backend", KERNELS)

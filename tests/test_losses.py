@@ -58,7 +58,7 @@ def _run(fn, img, txt, scale, bias):
 NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("B,D,chunk", SHAPES)
 def test_matches_reference_float64(backend, name, B, D, chunk):
@@ -162,10 +162,10 @@ def test_python_number_scale_and_bias(backend):
 
 def _ops(backend):
     if backend == "triton":
-        return (torch.ops.flipkern.clip_loss_fwd_triton, torch.ops.flipkern.clip_loss_bwd_triton,
-                torch.ops.flipkern.siglip_loss_fwd_triton, torch.ops.flipkern.siglip_loss_bwd_triton)
-    return (torch.ops.flipkern.clip_loss_fwd, torch.ops.flipkern.clip_loss_bwd,
-            torch.ops.flipkern.siglip_loss_fwd, torch.ops.flipkern.siglip_loss_bwd)
+        return (torch.ops.flipkern.clip_loss_forward_triton, torch.ops.flipkern.clip_loss_backward_triton,
+                torch.ops.flipkern.siglip_loss_forward_triton, torch.ops.flipkern.siglip_loss_backward_triton)
+    return (torch.ops.flipkern.clip_loss_forward, torch.ops.flipkern.clip_loss_backward,
+            torch.ops.flipkern.siglip_loss_forward, torch.ops.flipkern.siglip_loss_backward)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -9,6 +9,7 @@ from flipkern.backends import triton_interpret
 from flipkern.reference import masking as ref
 
 BACKENDS = usable_backends(fk.masking.ALL_BACKENDS)
+KERNELS = [b for b in BACKENDS if b != "reference"]  # reference vs reference checks nothing
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -26,7 +27,7 @@ def _inputs(B, N, D, K, dtype, *, duplicates=False, layout="contiguous"):
     return x, ids, pos
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_pos", [True, False])
 def test_drop_tokens_matches_reference(backend, dtype, with_pos):
@@ -59,7 +60,7 @@ def test_drop_tokens_position_add_special_values(backend, dtype):
                                equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 @pytest.mark.parametrize("shape", [(2, 9, 8, 9), (2, 9, 8, 1), (0, 9, 8, 3), (2, 9, 8, 0)])
 def test_drop_tokens_shapes_and_strides(backend, layout, shape):
@@ -72,7 +73,7 @@ def test_drop_tokens_shapes_and_strides(backend, layout, shape):
     torch.testing.assert_close(out, ref.drop_tokens(x, ids, pos), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("duplicates", [False, True])
 def test_drop_tokens_backward_matches_reference(backend, duplicates):
     x, ids, pos = _inputs(4, 13, 10, 7, torch.float64, duplicates=duplicates)
@@ -86,7 +87,7 @@ def test_drop_tokens_backward_matches_reference(backend, duplicates):
     torch.testing.assert_close(pk.grad, pr.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_drop_tokens_backward_low_precision(backend, dtype):
     # d(pos_embed) sums B rows per position; repeated ids accumulate in dx.

@@ -15,10 +15,10 @@ from flipkern.triton_kernels import (  # noqa: E402
 @pytest.mark.parametrize("call,argument", [
     (lambda meta: masking.drop_tokens(torch.zeros(1, 4, 8), meta(torch.zeros(1, 2, dtype=torch.int64)), None),
      "ids_keep"),
-    (lambda meta: attention.varlen_attention_fwd(torch.zeros(4, 1, 16), torch.zeros(4, 1, 16),
-                                                 meta(torch.zeros(4, 1, 16)),
-                                                 torch.tensor([0, 4], dtype=torch.int32), 4, False, 0.25), "v"),
-    (lambda meta: losses.siglip_loss_fwd(torch.zeros(2, 8), torch.zeros(2, 8), torch.tensor(1.0),
+    (lambda meta: attention.varlen_attention_forward(torch.zeros(4, 1, 16), torch.zeros(4, 1, 16),
+                                                     meta(torch.zeros(4, 1, 16)),
+                                                     torch.tensor([0, 4], dtype=torch.int32), 4, False, 0.25), "v"),
+    (lambda meta: losses.siglip_loss_forward(torch.zeros(2, 8), torch.zeros(2, 8), torch.tensor(1.0),
                                          meta(torch.tensor(0.0)), 0), "bias"),
 ], ids=["masking", "attention", "losses"])
 def test_mixed_devices_name_the_argument(call, argument):

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from .._dtypes import stat_dtype
+
 # Largest dynamic shared memory per block a kernel can opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # sm_80 (A100) 163 KiB, sm_90 (H100/H200) 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -115,8 +117,8 @@ def _attention(dtype, Dh, causal):
     q, k, v, g = (torch.randn(total, H, Dh).to(dtype) for _ in range(4))
     cu = torch.tensor([0, 20, total], dtype=torch.int32)
     max_seqlen = 1000  # nothing runs; only the grid would see it (1 block would make it constexpr)
-    out, lse = attention.varlen_attention_fwd(q, k, v, cu, max_seqlen, causal, Dh ** -0.5)
-    attention.varlen_attention_bwd(g, q, k, v, out, lse, cu, max_seqlen, causal, Dh ** -0.5)
+    out, lse = attention.varlen_attention_forward(q, k, v, cu, max_seqlen, causal, Dh ** -0.5)
+    attention.varlen_attention_backward(g, q, k, v, out, lse, cu, max_seqlen, causal, Dh ** -0.5)
 
 
 def _losses(dtype, D):
@@ -124,12 +126,12 @@ def _losses(dtype, D):
     N = 64
     image, text = torch.randn(N, D).to(dtype), torch.randn(N, D).to(dtype)
     scale, bias, grad = (torch.tensor(x, dtype=dtype) for x in (10.0, -10.0, 1.0))
-    lse = torch.zeros(N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    lse = torch.zeros(N, dtype=stat_dtype(dtype))
     # CLIP on one process (both softmaxes: the superset of a rank's kernels) and SigLIP
-    losses.clip_loss_fwd(image, text, scale, 0, N)
-    losses.clip_loss_bwd(grad, image, text, scale, lse, lse, 0, N)
-    losses.siglip_loss_fwd(image, text, scale, bias, 0)
-    losses.siglip_loss_bwd(grad, image, text, scale, bias, 0)
+    losses.clip_loss_forward(image, text, scale, 0, N)
+    losses.clip_loss_backward(grad, image, text, scale, lse, lse, 0, N)
+    losses.siglip_loss_forward(image, text, scale, bias, 0)
+    losses.siglip_loss_backward(grad, image, text, scale, bias, 0)
 
 
 def _masking(dtype, D):

@@ -21,14 +21,20 @@ before the P @ V and dS @ K products, as in flash-attention. The softmax scale i
 fp64 kernel argument (Triton would pass a plain Python float as fp32), cast to the
 accumulation type in the kernel. Head dims up to MAX_HEAD_DIM.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import _checks
+from .._dtypes import stat_dtype
 from ._tiles import acc_type, dot_precision, gpu_tiles, interpreter_upcast, launcher, mm
 
-LOG2E = 1.4426950408889634
+# exp2/log2 are the fast ones on GPUs: scores are scaled by log2(e) and the lse back by ln(2).
+# constexpr so the kernels may read them (Triton rejects other globals); .value on the host.
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
 # The largest head dim: the tiles of the next BLOCK_D (512) need more shared memory than
 # any GPU gives a block, whatever the dtype (fp32 dQ at Dh 512 with 32 x 32 tiles:
 # 262,144 B, vs 232,448 B on H100 and 166,912 B on A100); tests/test_triton_aot.py
@@ -120,7 +126,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, qk_scale: tl.float64, num_m_blocks, Dh,
         tl.store(O + (start + offs_m)[:, None] * sot + h * soh + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         # natural-log lse of the scaled scores: (m + log2 l) * ln 2
-        tl.store(LSE + h * sl_h + start + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453,
+        tl.store(LSE + h * sl_h + start + offs_m, (m_i + tl.log2(l_i)) * LN2,
                  mask=row_ok)
 
 
@@ -166,7 +172,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale: tl.float64, 
             # transposed tiles: [BLOCK_D, BLOCK_M]
             qT = tl.load(Q + (start + qm)[None, :] * sqt + h * sqh + offs_d[:, None],
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-            lse = tl.load(LSE + h * sl_h + start + qm, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.load(LSE + h * sl_h + start + qm, mask=row_ok, other=0.0) * LOG2E
             sT = mm(k, qT, PREC, ACC, UPCAST) * qk_scale  # [N, M], log2 units
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
@@ -204,7 +210,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale: tl.float64, scale:
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + (start + offs_m)[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + (start + offs_m)[:, None] * sgt + h * sgh + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + h * sl_h + start + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + h * sl_h + start + offs_m, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + h * sl_h + start + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         hi = L
@@ -241,25 +247,21 @@ def _unit_last(t):
     return t if t.stride(2) == 1 else t.contiguous()
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @launcher("varlen_attention")
-def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
     _check_head_dim("varlen_attention", Dh)
     B = cu_seqlens.shape[0] - 1
     cu_seqlens = cu_seqlens.contiguous()  # the kernels read cu_seqlens[b] at CU + b
     out = torch.empty((total, H, Dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty((H, total), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((H, total), dtype=stat_dtype(q.dtype), device=q.device)
     if total == 0 or H == 0 or B == 0 or max_seqlen == 0:
         return out, lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     BM, BN, warps, stages = _blocks(Dh, q.dtype, q.device)
     nm = triton.cdiv(max_seqlen, BM)
     _fwd_kernel[(B * nm, H)](
-        q, k, v, out, lse, cu_seqlens, scale * LOG2E, nm, Dh,
+        q, k, v, out, lse, cu_seqlens, scale * LOG2E.value, nm, Dh,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         CAUSAL=causal, ACC=acc_type(q.dtype), PREC=dot_precision(q.dtype), UPCAST=interpreter_upcast(q),
@@ -268,7 +270,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 
 @launcher("varlen_attention_backward")
-def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
+def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     total, H, Dh = q.shape
     _check_head_dim("varlen_attention_backward", Dh)
     B = cu_seqlens.shape[0] - 1
@@ -292,7 +294,7 @@ def varlen_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, ca
                   num_warps=warps, num_stages=stages)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1), lse.stride(0))
-    qk_scale = scale * LOG2E
+    qk_scale = scale * LOG2E.value
     nn = triton.cdiv(max_seqlen, BN)
     _bwd_dkdv_kernel[(B * nn, H)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, qk_scale, scale, nn, Dh,

@@ -33,11 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import stat_dtype
 from ._tiles import acc_type, dot_precision, gpu_tiles, interpreter_upcast, launcher, mm
-
-
-def _acc_torch(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _blocks(D, dtype, device):
@@ -245,7 +242,7 @@ def _row_stats(A, B, scale, bias, softmax):
     meta, _ = _meta(A)
     row_blocks = triton.cdiv(R, meta["BLOCK_M"])
     parts, span = _splits(row_blocks, N, meta["BLOCK_N"])
-    out = torch.empty((parts, R), dtype=_acc_torch(A.dtype), device=A.device)
+    out = torch.empty((parts, R), dtype=stat_dtype(A.dtype), device=A.device)
     _fwd_kernel[(row_blocks, parts)](
         A, B, out, scale, bias, R, N, D, span, *A.stride(), *B.stride(), SOFTMAX=softmax, **meta)
     # merge the parts in a fixed order (no atomics): the same bits on every run
@@ -257,7 +254,7 @@ def _pass_backward(grad, A, B, la, lb, scale, bias, offset, coef_div, pos_mult, 
     partials [2, R] of the scale and bias gradients."""
     R, D = A.shape
     N = B.shape[0]
-    acc = _acc_torch(A.dtype)
+    acc = stat_dtype(A.dtype)
     meta, BD = _meta(A)
     has_col = lb is not None
     la = la if softmax else scale  # placeholders, never read
@@ -281,12 +278,12 @@ def _pass_backward(grad, A, B, la, lb, scale, bias, offset, coef_div, pos_mult, 
 
 
 def _positive_sum(a, b, scale):
-    acc = _acc_torch(a.dtype)
+    acc = stat_dtype(a.dtype)
     return (a.to(acc) * b.to(acc)).sum() * scale.to(acc)
 
 
 @launcher("clip_loss")
-def clip_loss_fwd(all_image, all_text, scale, offset, b):
+def clip_loss_forward(all_image, all_text, scale, offset, b):
     I_loc, T_loc = all_image[offset:offset + b], all_text[offset:offset + b]
     # Two row passes (on one process the second one gives the columns of the first):
     # programs own rows, so column statistics would need a second walk anyway.
@@ -298,7 +295,7 @@ def clip_loss_fwd(all_image, all_text, scale, offset, b):
 
 
 @launcher("clip_loss_backward")
-def clip_loss_bwd(grad, all_image, all_text, scale, lse_image, lse_text, offset, b):
+def clip_loss_backward(grad, all_image, all_text, scale, lse_image, lse_text, offset, b):
     if b == all_image.shape[0]:  # one matrix, both softmaxes: each positive is in both directions
         dI, dT, part = _pass_backward(grad, all_image, all_text, lse_image, lse_text, scale, scale,
                                       0, 2.0 * b, 2.0, True)
@@ -317,7 +314,7 @@ def clip_loss_bwd(grad, all_image, all_text, scale, lse_image, lse_text, offset,
 
 
 @launcher("siglip_loss")
-def siglip_loss_fwd(image, all_text, scale, bias, offset):
+def siglip_loss_forward(image, all_text, scale, bias, offset):
     b = image.shape[0]
     total = _row_stats(image, all_text, scale, bias, False).sum()
     # -log sigmoid(x) = softplus(x) - x on the positives, softplus(x) elsewhere
@@ -326,7 +323,7 @@ def siglip_loss_fwd(image, all_text, scale, bias, offset):
 
 
 @launcher("siglip_loss_backward")
-def siglip_loss_bwd(grad, image, all_text, scale, bias, offset):
+def siglip_loss_backward(grad, image, all_text, scale, bias, offset):
     b = image.shape[0]
     dI, dT, part = _pass_backward(grad, image, all_text, None, None, scale, bias, offset,
                                   float(b), 1.0, False)
