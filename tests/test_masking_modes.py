@@ -10,7 +10,14 @@ import pytest
 import torch
 from test_fastpath import MICRO
 from test_pretrain import MICRO as MICRO_ARGS
-from test_pretrain import _env, _eval_records, _final_state, _train_records
+from test_pretrain import (
+    _env,
+    _eval_records,
+    _final_state,
+    _train_records,
+    assert_same_trajectory,
+    run_one_and_two_processes,
+)
 
 from flipkern.pretrain import checkpoint as ckpt
 from flipkern.pretrain import masking_modes as mm
@@ -155,21 +162,10 @@ def _read(out):
 def test_two_processes_match_one(tmp_path):
     common = MICRO_ARGS + ATTENTIVE_MAE + ["--steps", "3", "--checkpoint-every", "0", "--no-eval",
                                            "--mask-ratio", "0.5", "--unmasked-tune-steps", "1"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    assert main(common + ["--output-dir", one]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "flipkern.pretrain", *common, "--output-dir", two]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    ra, rb = _train_records(one), _train_records(two)
-    assert [x["masked"] for x in ra] == [x["masked"] for x in rb] == [True, True, False]
-    for x, y in zip(ra, rb):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3, abs=1e-5)
-    sa, sb = _final_state(one), _final_state(two)
-    for part in ("model", "mae_decoder", "ema"):
-        for k in sa[part]:
-            torch.testing.assert_close(sa[part][k], sb[part][k], rtol=1e-3, atol=1e-5, msg=f"{part}.{k}")
+    one, two = run_one_and_two_processes(tmp_path, common, timeout=900)
+    assert [x["masked"] for x in _train_records(one)] == [x["masked"] for x in _train_records(two)] \
+        == [True, True, False]
+    assert_same_trajectory(one, two, parts=("model", "mae_decoder", "ema"))
 
 
 @pytest.mark.parametrize("argv, message", [
