@@ -4,7 +4,7 @@ per-block activation checkpointing.
 
 One optimizer step (both passes, the chunked loss over the whole contrastive
 batch, AdamW) of the ViT-Ti/16 preset (224 px, 196 patches, FLIP mask 0.75,
-~16-token captions), fast path, fp32, each case in its own process: peak RSS
+captions of realistic lengths, benchmarks/caption_lengths.py), fast path, fp32, each case in its own process: peak RSS
 (whole process: Python, torch, model, AdamW state, activations, features) and
 img/s over all the samples of the step. Each micro-batch's inputs are made
 when the step reads them (a Sequence that generates them from their index), so
@@ -40,8 +40,8 @@ class MicroBatches(collections.abc.Sequence):
     """accum micro-batches of ``batch`` samples, each generated on access from its index
     (the same tensors every time: contrastive_backward reads each one twice)."""
 
-    def __init__(self, cfg, batch, accum, mask, caption_tokens):
-        self.cfg, self.batch, self.accum, self.mask, self.caption_tokens = cfg, batch, accum, mask, caption_tokens
+    def __init__(self, cfg, batch, accum, mask, captions):
+        self.cfg, self.batch, self.accum, self.mask, self.captions = cfg, batch, accum, mask, captions
 
     def __len__(self):
         return self.accum
@@ -51,7 +51,7 @@ class MicroBatches(collections.abc.Sequence):
         i = i + self.accum if i < 0 else i
         if not 0 <= i < self.accum:
             raise IndexError(i)
-        images, tokens, _ = make_data(self.cfg, self.batch, self.caption_tokens, "cpu", seed=i)
+        images, tokens, _ = make_data(self.cfg, self.batch, self.captions, "cpu", seed=i)
         g = torch.Generator().manual_seed(1_000_000 + i)
         ids = rmask.random_keep_indices(self.batch, self.cfg.vision.num_patches, keep_ratio=1 - self.mask,
                                         generator=g)
@@ -75,7 +75,7 @@ def measure(case, args):
     def loss_fn(out):
         return fastpath.contrastive_loss(model, out)
 
-    micro = MicroBatches(cfg, case["micro_batch"], case["accum"], args["mask"], args["caption_tokens"])
+    micro = MicroBatches(cfg, case["micro_batch"], case["accum"], args["mask"], args["captions"])
     # warm-up: one micro-batch step (allocator, thread pools, kernels' first calls)
     fk.contrastive_backward(forward, [micro[0]], loss_fn)
     opt.zero_grad(set_to_none=True)
@@ -119,11 +119,11 @@ def main(argv=None):
     p.add_argument("--accum", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--mask", type=float, default=0.75)
-    p.add_argument("--caption-tokens", type=int, default=16)
+    p.add_argument("--captions", default="realistic", help="caption length kind (benchmarks/caption_lengths.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
-    args = dict(model=a.model, loss=a.loss, mask=a.mask, caption_tokens=a.caption_tokens, threads=a.threads,
+    args = dict(model=a.model, loss=a.loss, mask=a.mask, captions=a.captions, threads=a.threads,
                 precision="fp32", device="cpu")
     results = []
     for ckpt in a.checkpointing:

@@ -142,3 +142,15 @@ def test_readme_block_is_rewritten_from_the_results(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and "kept\n" in text and "kept too" in text
     assert "| fast / native | 0.0 | 2.00x | 2.00x | 2.00x | 3.00x | 0.67 | 0.67 |" in text
+
+
+def test_bench_accum_runs_end_to_end(tmp_path):
+    """bench_accum's step (both passes over lazily made micro-batches) runs and writes its JSON;
+    the contrastive batch is micro-batch x accum."""
+    import bench_accum
+    out = tmp_path / "accum.json"
+    bench_accum.main(["--model", "tiny", "--micro-batch", "2", "--accum", "1", "3", "--checkpointing", "on",
+                      "--threads", "1", "--json", str(out)])
+    results = json.load(open(out))["results"]
+    assert [r["contrastive_batch"] for r in results] == [2, 6]
+    assert all(r["checkpointing"] and r["loss"] > 0 for r in results)
