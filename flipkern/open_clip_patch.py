@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import fastpath
+from . import _checks, fastpath
 from .attention import cu_seqlens_from_lengths
 from .blocks import BlockParts, dense_block_forward, packed_block_forward, register_block_adapter, run_blocks
 from .losses import clip_loss, siglip_loss
@@ -151,6 +151,7 @@ def _patch_visual(visual):
 # the parts from whichever holds them; everything after that is shared.
 
 TEXT_PADDING = ("keep", "drop")
+_TEXT_OP = "apply_to_open_clip (text)"  # errors read "flipkern.apply_to_open_clip (text): ..."
 
 
 class _TextParts(NamedTuple):
@@ -232,9 +233,9 @@ def _real_tokens(parts, text):
     is_real = _pooled_is_real(real, pooled)
     if not bool(is_real.all()):  # one sync: a clear error rather than a garbage row
         b = int((~is_real).nonzero()[0])
-        raise ValueError(f"flipkern (apply_to_open_clip, text_padding='drop'): text row {b} pools at a padding "
-                         f"token (pad id {parts.pad_id}, pool type {parts.pool_type!r}); an all-padding caption "
-                         "has no real token to pool")
+        _checks.fail(_TEXT_OP, f"text row {b} pools at a padding token (text_padding='drop', pad id "
+                               f"{parts.pad_id}, pool type {parts.pool_type!r}); an all-padding caption has no "
+                               "real token to pool")
     return real, pooled
 
 
@@ -242,6 +243,10 @@ def _encode_text(holder, text, mode):
     """Text features [B, dim] of ``holder`` (a CLIP model or a TextTransformer) in ``mode``
     (see _text_mode), or None where mode "pad_mask" cannot be exact for this batch."""
     parts = _text_parts(holder)
+    _checks.tensor(_TEXT_OP, "text", text, dims=2, dtypes=_checks.INTEGER)
+    if text.shape[1] > parts.positional_embedding.shape[0]:
+        _checks.fail(_TEXT_OP, f"text has {text.shape[1]} positions, more than the tower's context length "
+                               f"{parts.positional_embedding.shape[0]}")
     cast_dtype = parts.transformer.get_cast_dtype()
     if mode == "causal":  # nothing after the pooled token reaches it: keep tokens up to it
         pooled = _pooled_index(parts, text)

@@ -172,7 +172,7 @@ def test_refusals_name_the_reason():
     assert patched_copy(attn_dropout)[1]["text"] == "attention dropout (0.1) is not covered"
 
 
-def test_bad_text_padding_and_an_all_padding_caption_are_clear_errors():
+def test_bad_text_padding_and_bad_text_are_clear_errors():
     model = small_model(SIGLIP)
     with pytest.raises(ValueError, match="text_padding must be one of"):
         flipkern.apply_to_open_clip(copy.deepcopy(model), text_padding="trim")
@@ -181,6 +181,12 @@ def test_bad_text_padding_and_an_all_padding_caption_are_clear_errors():
     text[2] = PAD
     with pytest.raises(ValueError, match="text row 2 pools at a padding token"):
         patched.encode_text(text)
+    with pytest.raises(ValueError, match="text must have dtype in"):
+        patched.encode_text(text.float())
+    with pytest.raises(ValueError, match="text must be 2-D"):
+        patched.encode_text(text[0])
+    with pytest.raises(ValueError, match="text has 17 positions, more than the tower's context length 16"):
+        patched.encode_text(torch.ones(2, CTX + 1, dtype=torch.int64))
 
 
 def test_clip_bidirectional_text_runs_dense_and_refuses_drop_without_a_pad_id():
