@@ -4,22 +4,27 @@ One training step = forward (open_clip's own ``model(images, text)``), SigLipLos
 backward, AdamW step, on ViT-B-16-SigLIP (timm vit_base_patch16_siglip_224
 image tower, width 768, 224 px, 16 px patches; its 64-token bidirectional text
 tower, width 768) with both towers cut to --layers layers so that a step fits
-this CPU. Captions have ~16 real tokens padded to 64 with the pad id, as
-SigLIP's tokenizer writes them (the stock text tower attends over all 64, and so
-does the patched model: packing them away would change SigLIP's output, see
-apply_to_open_clip's report).
+this CPU. Captions have 16 real tokens (or --captions realistic: caption_lengths.py's
+lengths, capped at the 64-token context) padded to 64 with the pad id, as SigLIP's
+tokenizer writes them (the stock text tower attends over all 64, and so does the
+patched model by default: packing them away would change SigLIP's output).
 
   stock     open_clip as users run it: timm's PatchDropout (conv over every patch,
             then the draw), timm's blocks with fused SDPA, open_clip's SigLipLoss.
   flipkern  the same model after flipkern.apply_to_open_clip(model, loss):
             kept patches gathered before the embedding, the one block forward
-            with SDPA over the kept tokens, flipkern.siglip_loss.
+            with SDPA over the kept tokens, flipkern.siglip_loss; the text tower
+            dense and exact through the block forward.
+  flipkern-drop  the same with text_padding="drop" (opt-in, changes the model's
+            function): the text runs packed over the real tokens only.
 
 Each (path, patch dropout) runs in its own spawned process; both draw the same
 kept patches. img/s from process CPU time (steadier than the wall clock on a
 shared machine with --threads 1) and from the wall clock.
 
     python benchmarks/bench_open_clip_timm.py --json benchmarks/results/open_clip_siglip_cpu.json
+    python benchmarks/bench_open_clip_timm.py --captions realistic --paths stock flipkern flipkern-drop \
+        --steps 8 --warmup 2 --json benchmarks/results/open_clip_siglip_text_cpu.json
 """
 import argparse
 import concurrent.futures as cf
@@ -32,12 +37,13 @@ import time
 
 import torch
 
-PATHS = ("stock", "flipkern")
+PATHS = ("stock", "flipkern", "flipkern-drop")  # flipkern-drop: apply_to_open_clip(..., text_padding="drop")
 
 
 def measure(path, patch_dropout, args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import open_clip_coverage
+    from caption_lengths import caption_lengths
     from open_clip.loss import SigLipLoss
 
     import flipkern
@@ -46,12 +52,16 @@ def measure(path, patch_dropout, args):
     model = open_clip_coverage.build_cut(args["model"], values=True, layers=args["layers"],
                                          force_patch_dropout=patch_dropout).train()
     loss = SigLipLoss()
-    report = flipkern.apply_to_open_clip(model, loss=loss) if path == "flipkern" else None
+    report = None if path == "stock" else flipkern.apply_to_open_clip(
+        model, loss=loss, text_padding="drop" if path == "flipkern-drop" else "keep")
     B, ctx = args["batch"], model.text.context_length
     g = torch.Generator().manual_seed(1)
     images = torch.randn(B, 3, 224, 224, generator=g)
-    text = torch.zeros(B, ctx, dtype=torch.int64)  # pad id 0 after ~16 real tokens
-    text[:, :args["caption_tokens"]] = torch.randint(1, 1000, (B, args["caption_tokens"]), generator=g)
+    lengths = (caption_lengths(args["captions"], B, context=ctx, generator=g) if args.get("captions")
+               else torch.full((B,), args["caption_tokens"]))
+    text = torch.zeros(B, ctx, dtype=torch.int64)  # pad id 0 after each caption's real tokens
+    for b, n in enumerate(lengths.tolist()):
+        text[b, :n] = torch.randint(1, 1000, (n,), generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(i):
@@ -83,6 +93,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=2, help="layers of each tower (the config's depth cut)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--caption-tokens", type=int, default=16)
+    p.add_argument("--captions", help="caption_lengths.py kind (e.g. realistic) instead of --caption-tokens")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=["stock", "flipkern"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -90,17 +102,19 @@ def main(argv=None):
     p.add_argument("--json")
     a = p.parse_args(argv)
     args = dict(model=a.model, layers=a.layers, batch=a.batch, caption_tokens=a.caption_tokens, steps=a.steps,
-                warmup=a.warmup, threads=a.threads)
+                warmup=a.warmup, threads=a.threads, captions=a.captions)
     results = []
     for pd in a.patch_dropout:
-        for path in PATHS:
+        for path in a.paths:
             r = _in_child(path, pd, args)
             results.append(r)
             print(f"{a.model} layers={a.layers} patch_dropout={pd} {path:9s} "
                   f"{r['img_per_s_cpu']:7.2f} img/s (CPU time)  {r['img_per_s_wall']:7.2f} img/s (wall)", flush=True)
     for pd in a.patch_dropout:
-        s, f = (next(r for r in results if r["path"] == q and r["patch_dropout"] == pd) for q in PATHS)
-        print(f"patch_dropout={pd}: flipkern / stock = {f['img_per_s_cpu'] / s['img_per_s_cpu']:.2f}x (CPU time)")
+        s, *fs = (next(r for r in results if r["path"] == q and r["patch_dropout"] == pd) for q in a.paths)
+        for f in fs:
+            print(f"patch_dropout={pd}: {f['path']} / {s['path']} = "
+                  f"{f['img_per_s_cpu'] / s['img_per_s_cpu']:.2f}x (CPU time)")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"command": "python " + " ".join(sys.argv), "args": args, "torch": torch.__version__,

@@ -64,10 +64,12 @@ def _cut_config(cfg, layers=1, vocab=None):
     return cfg
 
 
-def build_cut(name, values=False, timm_overrides=None, layers=1, vocab=None, **create_kwargs):
-    """open_clip.create_model(name) offline, pretrained=None, its towers cut to ``layers`` layers."""
+def build_cut(name, values=False, timm_overrides=None, layers=1, vocab=None, text_overrides=None, **create_kwargs):
+    """open_clip.create_model(name) offline, pretrained=None, its towers cut to ``layers`` layers
+    (text_overrides: text_cfg entries to replace, e.g. a smaller width for tests)."""
     import open_clip
     cfg = _cut_config(open_clip.get_model_config(name), layers, vocab)
+    cfg["text_cfg"].update(text_overrides or {})
     with cut_timm_trunks(values, layers, **(timm_overrides or {})):
         return open_clip.create_model(name, pretrained=None, pretrained_text=False, vision_cfg=cfg["vision_cfg"],
                                       text_cfg=cfg["text_cfg"], **create_kwargs)

@@ -12,25 +12,31 @@ methods compute, through instance attributes that shadow the class's methods:
   and the blocks run fused attention over the kept tokens.
 - ``model.visual`` an open_clip TimmModel (SigLIP, EVA-CLIP, ...): its timm trunk
   through flipkern.apply_to_timm.
-- ``model.encode_text`` (open_clip's CLIP): captions are packed without the
-  padding after their end-of-text token and run through causal varlen
-  attention; only the pooled token goes through ln_final and the projection.
+- ``model.encode_text`` (open_clip's CLIP) or ``model.text.forward`` (a
+  TextTransformer tower of CustomTextCLIP: EVA-CLIP, ViTamin, SigLIP, ...), one
+  encode for both: causal text is packed without the padding after each
+  caption's pooled token and run through causal varlen attention; bidirectional
+  text (SigLIP) runs dense and exact by default, or packed without its padding
+  with ``text_padding="drop"`` (see apply_to_open_clip); only the pooled token
+  goes through ln_final and the projection.
 - the ``forward`` of an open_clip ClipLoss / SigLipLoss passed as ``loss``:
   flipkern.clip_loss / siglip_loss, chunked, all-gathered over the default
   process group when world_size > 1.
 
 A part whose configuration the patch does not cover (attentional pooling,
-custom blocks, a non-causal text tower, a CLIP loss without local_loss and
+custom blocks, a text tower with a class token, a CLIP loss without local_loss and
 gather_with_grad on several ranks, ...) is left unpatched and the returned dict
 says why; nothing ever fails for being unsupported.
 """
+import functools
 import types
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import fastpath
-from .attention import pack
+from . import _checks, fastpath
+from .attention import cu_seqlens_from_lengths
 from .blocks import BlockParts, dense_block_forward, packed_block_forward, register_block_adapter, run_blocks
 from .losses import clip_loss, siglip_loss
 from .timm_patch import apply_to_timm
@@ -138,58 +144,195 @@ def _patch_visual(visual):
 
 
 # ----------------------------------------------------------------------------- text
+#
+# One encode for both places open_clip keeps a text transformer: CLIP's own text
+# (its parts are attributes of the CLIP model) and a TextTransformer tower
+# (CustomTextCLIP's ``model.text``: EVA-CLIP, ViTamin, SigLIP, ...). _TextParts reads
+# the parts from whichever holds them; everything after that is shared.
 
-def _text_end(model, text):
-    """Index of each caption's pooled token: what open_clip's text_global_pool picks."""
-    if model.text_pool_type == "argmax":
-        return text.argmax(dim=-1)
-    return (text == model.text_eos_id).int().argmax(dim=-1)  # 'eos'
+TEXT_PADDING = ("keep", "drop")
+_TEXT_OP = "apply_to_open_clip (text)"  # errors read "flipkern.apply_to_open_clip (text): ..."
 
 
-def _encode_text(model, text, normalize=False):
-    cast_dtype = model.transformer.get_cast_dtype()
+class _TextParts(NamedTuple):
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor
+    transformer: torch.nn.Module
+    ln_final: torch.nn.Module
+    projection: object  # None, an nn.Linear or a [width, dim] parameter
+    pool_type: str
+    eos_id: Optional[int]
+    pad_id: Optional[int]  # None: the holder does not keep it (open_clip's CLIP)
+    attn_mask: Optional[torch.Tensor]  # the causal mask, or None: bidirectional
+    pad_mask: bool  # bidirectional with padding keys masked (TextTransformer's use_pad_mask)
+
+
+def _text_parts(holder):
+    from open_clip.transformer import TextTransformer
+    if isinstance(holder, TextTransformer):
+        return _TextParts(holder.token_embedding, holder.positional_embedding, holder.transformer,
+                          holder.ln_final, holder.text_projection, holder.pool_type, holder.eos_id,
+                          holder.pad_id, holder.attn_mask, holder.use_pad_mask)
+    return _TextParts(holder.token_embedding, holder.positional_embedding, holder.transformer, holder.ln_final,
+                      holder.text_projection, holder.text_pool_type, getattr(holder, "text_eos_id", None),
+                      None, holder.attn_mask, False)
+
+
+def _pooled_index(parts, text, real=None):
+    """int64 [B]: each caption's pooled position, as open_clip's text_global_pool picks it;
+    given ``real`` (the real-token mask of text_padding="drop"), pool 'last' is the last
+    real token instead of the last position."""
     B, L = text.shape
-    lengths = _text_end(model, text) + 1  # causal: nothing after the pooled token reaches it
-    packed_tokens, cu = pack(text, lengths)
-    positions, _ = pack(torch.arange(L, device=text.device).expand(B, L), lengths)
-    x = (model.token_embedding(packed_tokens).to(cast_dtype)
-         + F.embedding(positions, model.positional_embedding).to(cast_dtype))
-    fastpath._composed["open_clip.text"] = "packed, varlen causal attention"
+    if parts.pool_type == "first":
+        return torch.zeros(B, dtype=torch.int64, device=text.device)
+    if parts.pool_type == "last":
+        if real is None:
+            return torch.full((B,), L - 1, dtype=torch.int64, device=text.device)
+        return L - 1 - real.flip(1).int().argmax(dim=-1)
+    if parts.pool_type == "argmax":
+        return text.argmax(dim=-1)
+    return (text == parts.eos_id).int().argmax(dim=-1)  # 'eos'
+
+
+def _embed(parts, tokens, positions, cast_dtype):
+    return (parts.token_embedding(tokens).to(cast_dtype)
+            + F.embedding(positions, parts.positional_embedding).to(cast_dtype))
+
+
+def _packed_pooled(parts, text, keep, pooled, causal, cast_dtype):
+    """Only the tokens where ``keep`` [B, L] is True (in order, with their own positions)
+    through the blocks as packed sequences, varlen attention within each caption; returns
+    the pooled rows [B, D] (each pooled position must be kept)."""
+    B, L = text.shape
+    positions = torch.arange(L, device=text.device).expand(B, L)
+    x = _embed(parts, text[keep], positions[keep], cast_dtype)
+    cu = cu_seqlens_from_lengths(keep.sum(dim=-1))
     # max_seqlen: L bounds every length and needs no device sync (as fastpath.encode_text)
-    x = _run_blocks(model.transformer, packed_block_forward, x, cu, L, True)
-    x = model.ln_final(x[cu[1:].long() - 1])
-    if model.text_projection is not None:
-        proj = model.text_projection
+    x = _run_blocks(parts.transformer, packed_block_forward, x, cu, L, causal)
+    rank = keep.cumsum(dim=-1).gather(1, pooled[:, None])[:, 0] - 1  # kept tokens before the pooled one
+    return x[cu[:-1].long() + rank]
+
+
+def _dense_pooled(parts, text, pooled, cast_dtype):
+    """Every position (padding included) through the blocks, bidirectional: stock's math."""
+    B, L = text.shape
+    x = _embed(parts, text, torch.arange(L, device=text.device).expand(B, L), cast_dtype)
+    x = _run_blocks(parts.transformer, dense_block_forward, x, False)
+    return x[torch.arange(B, device=text.device), pooled]
+
+
+def _pooled_is_real(real, pooled):
+    """[B] bool: each caption's pooled position is a real token (not padding)."""
+    return real.gather(1, pooled[:, None])[:, 0]
+
+
+def _real_tokens(parts, text):
+    """[B, L] bool: not the pad id. text_padding="drop": every caption needs a real token to pool."""
+    real = text != parts.pad_id
+    pooled = _pooled_index(parts, text, real)
+    is_real = _pooled_is_real(real, pooled)
+    if not bool(is_real.all()):  # one sync: a clear error rather than a garbage row
+        b = int((~is_real).nonzero()[0])
+        _checks.fail(_TEXT_OP, f"text row {b} pools at a padding token (text_padding='drop', pad id "
+                               f"{parts.pad_id}, pool type {parts.pool_type!r}); an all-padding caption has no "
+                               "real token to pool")
+    return real, pooled
+
+
+def _encode_text(holder, text, mode):
+    """Text features [B, dim] of ``holder`` (a CLIP model or a TextTransformer) in ``mode``
+    (see _text_mode), or None where mode "pad_mask" cannot be exact for this batch."""
+    parts = _text_parts(holder)
+    _checks.tensor(_TEXT_OP, "text", text, dims=2, dtypes=_checks.INTEGER)
+    if text.shape[1] > parts.positional_embedding.shape[0]:
+        _checks.fail(_TEXT_OP, f"text has {text.shape[1]} positions, more than the tower's context length "
+                               f"{parts.positional_embedding.shape[0]}")
+    cast_dtype = parts.transformer.get_cast_dtype()
+    if mode == "causal":  # nothing after the pooled token reaches it: keep tokens up to it
+        pooled = _pooled_index(parts, text)
+        keep = torch.arange(text.shape[1], device=text.device) <= pooled[:, None]
+        x = _packed_pooled(parts, text, keep, pooled, True, cast_dtype)
+        fastpath._composed["open_clip.text"] = "packed, varlen causal attention"
+    elif mode == "dense":
+        x = _dense_pooled(parts, text, _pooled_index(parts, text), cast_dtype)
+        fastpath._composed["open_clip.text"] = "dense, sdpa bidirectional over every position"
+    elif mode == "pad_mask":
+        real, pooled = text != parts.pad_id, _pooled_index(parts, text)
+        if not bool(_pooled_is_real(real, pooled).all()):
+            return None  # a pooled padding token: stock computes it from the real keys; not packed
+        x = _packed_pooled(parts, text, real, pooled, False, cast_dtype)
+        fastpath._composed["open_clip.text"] = "packed by pad id, varlen bidirectional attention"
+    else:  # "drop"
+        real, pooled = _real_tokens(parts, text)
+        x = _packed_pooled(parts, text, real, pooled, False, cast_dtype)
+        fastpath._composed["open_clip.text"] = "packed by pad id (text_padding='drop'), varlen bidirectional"
+    x = parts.ln_final(x)  # token-wise: on the pooled rows only
+    proj = parts.projection
+    if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
+
+
+def _clip_encode_text(model, text, normalize=False, mode="causal"):
+    """open_clip CLIP.encode_text."""
+    x = _encode_text(model, text, mode)
     return F.normalize(x, dim=-1) if normalize else x
 
 
-def _uncovered_custom_text(text):
-    """Why a separate text tower (``model.text``: CustomTextCLIP, CoCa) is left as it is."""
+def _text_tower_forward(tower, text, mode="causal"):
+    """open_clip TextTransformer.forward (output_tokens=False, no class token)."""
+    x = _encode_text(tower, text, mode)
+    if x is None:
+        fastpath._composed["open_clip.text"] = "stock (use_pad_mask and a pooled padding token)"
+        return type(tower).forward(tower, text)
+    return x
+
+
+def _text_mode(parts, text_padding):
+    """How the text runs ("causal", "dense", "pad_mask", "drop"), or why it cannot."""
+    if parts.pool_type not in ("first", "last", "argmax", "eos"):
+        return None, f"text pool type {parts.pool_type!r} is not covered"
+    mask = parts.attn_mask
+    if mask is not None:
+        L = parts.positional_embedding.shape[0]
+        causal = torch.full((L, L), float("-inf")).triu(1)
+        if mask.shape != (L, L) or not torch.equal(mask.cpu().float(), causal):
+            return None, "the text attention mask is not the causal mask"
+        return "causal", None  # exact, and already drops every token after the pooled one
+    if text_padding == "keep":
+        return ("pad_mask" if parts.pad_mask else "dense"), None
+    if parts.pad_id is None:
+        return None, "text_padding='drop' needs the pad id, which open_clip's CLIP text does not keep"
+    return "drop", None
+
+
+def _uncovered_text_tower(text):
+    """Why a separate text tower (``model.text``: CustomTextCLIP, CoCa) is not covered, or None."""
     from open_clip.transformer import TextTransformer
     if type(text) is not TextTransformer:
         return f"text tower {type(text).__name__} is not open_clip's TextTransformer"
-    if text.attn_mask is None and not text.use_pad_mask:
-        # SigLIP's text: every position, padding included, is a key of every query, and pool
-        # type 'last' pools the last position (padding unless the caption fills the context)
-        return (f"bidirectional text without a pad mask (pool type {text.pool_type!r}): the padding takes part "
-                "in the attention, so packing it away would change the output")
-    return "a separate TextTransformer text tower is not covered (only open_clip's CLIP text is)"
+    if text.cls_emb is not None:
+        return "a class token appended to the text (embed_cls, CoCa) is not covered"
+    if text.output_tokens:
+        return "a text tower with output_tokens=True is not covered (it returns every position)"
+    return None
 
 
-def _patch_text(model):
-    if isinstance(getattr(model, "text", None), torch.nn.Module):
-        return _uncovered_custom_text(model.text)
-    if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
-        return f"{type(model).__name__} keeps its text tower elsewhere (only open_clip's CLIP is covered)"
-    if model.text_pool_type not in ("argmax", "eos"):
-        return f"text pool type {model.text_pool_type!r} is not covered"
-    mask = model.attn_mask
-    L = model.positional_embedding.shape[0]
-    causal = torch.full((L, L), float("-inf")).triu(1)
-    if mask is None or mask.shape != (L, L) or not torch.equal(mask.cpu().float(), causal):
-        return "the text attention mask is not the causal mask"
-    return _install(model, "encode_text", _encode_text, model.transformer)
+def _patch_text(model, text_padding):
+    tower = getattr(model, "text", None)
+    if isinstance(tower, torch.nn.Module):  # CustomTextCLIP: its encode_text calls model.text
+        why = _uncovered_text_tower(tower)
+        holder, name, fn = tower, "forward", _text_tower_forward
+    elif hasattr(model, "transformer") and hasattr(model, "token_embedding"):
+        why, holder, name, fn = None, model, "encode_text", _clip_encode_text
+    else:
+        return f"{type(model).__name__} keeps its text tower elsewhere"
+    if why:
+        return why
+    mode, why = _text_mode(_text_parts(holder), text_padding)
+    if why:
+        return why
+    return _install(holder, name, functools.partial(fn, mode=mode), holder.transformer)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -230,16 +373,41 @@ def _patch_loss(loss):
 
 # ----------------------------------------------------------------------------- entry point
 
-def apply_to_open_clip(model, loss=None):
+def apply_to_open_clip(model, loss=None, text_padding="keep"):
     """Patch an open_clip CLIP model (and optionally its ClipLoss/SigLipLoss) in place to run
-    on flipkern's kernels. Returns {part: "flipkern" or why it was left as it was}."""
+    on flipkern's kernels. Returns {part: "flipkern" or why it was left as it was}.
+
+    text_padding says what a bidirectional text tower (SigLIP's: no causal mask) does with
+    the padding after each caption:
+
+    - "keep" (default, exact: the text features equal stock open_clip's). Without a pad
+      mask every position, padding included, is a key of every query and pool 'last'
+      reads the last position, so nothing can be dropped: the tower runs dense (all
+      positions, one SDPA call per block, flipkern's block forward). With the tower's
+      use_pad_mask (padding keys masked) the real tokens are packed (found by the pad id)
+      and run through bidirectional varlen attention, which is exact at every real
+      token; a batch where a pooled position is a padding token (pool 'last' and a
+      caption shorter than the context) runs stock's forward instead, since stock
+      computes that token as a query over the real keys.
+    - "drop" (opt-in, for training from scratch): the padding (tokens equal to the pad
+      id) is dropped: bidirectional varlen attention over the real tokens only, pooled
+      at the last real token for pool 'last' (first / argmax / eos pool where they
+      did). This CHANGES the model's function (padding is no longer a key), so a
+      pretrained SigLIP gives other features; an all-padding caption is an error.
+
+    A causal text tower (CLIP, EVA-CLIP, ViTamin, ...) is exact in both: each caption is
+    packed up to its pooled token (nothing after it reaches the pooled token).
+    """
+    if text_padding not in TEXT_PADDING:
+        raise ValueError(f"flipkern.apply_to_open_clip: text_padding must be one of {TEXT_PADDING}, "
+                         f"got {text_padding!r}")
     try:
         import open_clip  # noqa: F401
     except ImportError as e:
         raise ImportError(f"flipkern.apply_to_open_clip: open_clip is not importable ({e}); "
                           "pip install open_clip_torch") from None
     report = {"visual": _patch_visual(model.visual) if hasattr(model, "visual") else "no visual tower",
-              "text": _patch_text(model)}
+              "text": _patch_text(model, text_padding)}
     if loss is not None:
         report["loss"] = _patch_loss(loss)
     for part, status in report.items():
