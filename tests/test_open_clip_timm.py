@@ -1,4 +1,4 @@
-"""apply_to_open_clip on open_clip configs with a timm vision tower (SigLIP), and the
+"""apply_to_open_clip on open_clip configs with a timm vision tower (SigLIP, EVA02), and the
 coverage script (benchmarks/open_clip_coverage.py) on a sample of configs.
 
 Configs are built offline with pretrained=None, their towers cut to one layer.
@@ -25,7 +25,9 @@ SIGLIP_TEXT = "bidirectional text without a pad mask (pool type 'last')"
     ("ViT-B-32", "flipkern", "flipkern"),
     ("ViT-B-16-SigLIP", "flipkern", SIGLIP_TEXT),
     ("ViT-SO400M-14-SigLIP-384", "flipkern", SIGLIP_TEXT),  # 14 px patches do not divide 384 px
-    ("EVA02-B-16", "model is Eva, not timm's VisionTransformer", "a separate TextTransformer"),
+    ("EVA02-B-16", "flipkern", "a separate TextTransformer"),
+    ("EVA02-E-14", "flipkern", "a separate TextTransformer"),  # post-norm blocks, no rope
+    ("EVA01-g-14", "flipkern", "a separate TextTransformer"),
     ("RN50", "visual is ModifiedResNet", "flipkern"),
 ])
 def test_coverage_of_a_sample_of_configs(name, visual, text):
@@ -43,10 +45,11 @@ def test_coverage_summary_counts():
     assert s["text_reasons"] == {"why": 1}
 
 
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "EVA02-B-16"])
 @pytest.mark.parametrize("patch_dropout", [0.0, 0.5, 0.75])
-def test_siglip_image_tower_patched_matches_open_clip(patch_dropout):
+def test_timm_image_tower_patched_matches_open_clip(name, patch_dropout):
     torch.manual_seed(0)
-    model = open_clip_coverage.build_cut("ViT-B-16-SigLIP", values=True,
+    model = open_clip_coverage.build_cut(name, values=True,
                                          timm_overrides=dict(embed_dim=64, num_heads=2),
                                          force_patch_dropout=patch_dropout).double().train()
     with torch.no_grad():  # timm inits biases and the attention-pool latent to constants: make them count
@@ -55,7 +58,7 @@ def test_siglip_image_tower_patched_matches_open_clip(patch_dropout):
                 p.normal_(0, 0.2)
     patched = copy.deepcopy(model)
     report = flipkern.apply_to_open_clip(patched)
-    assert report["visual"] == "flipkern" and report["text"].startswith(SIGLIP_TEXT)
+    assert report["visual"] == "flipkern"
     images = torch.randn(3, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def run(m):
