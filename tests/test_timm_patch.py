@@ -112,6 +112,16 @@ def test_patched_tower_low_precision_by_the_tolerance_rule(kind, dtype):
         assert_close_to_reference(g, r64, rl, name=f"tensor {i}")
 
 
+@pytest.mark.parametrize("kind", ["cls-token", "eva02-clip"])
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(kind):
+    model = tower(kind, 0.5).train()
+    patched = patched_copy(model)
+    for m in (model, patched):
+        m.set_grad_checkpointing(True)
+    x = images()
+    tight(outputs_and_grads(patched, x), outputs_and_grads(model, x))
+
+
 class KeepGiven(torch.nn.Module):
     """PatchDropout with the kept patches given: prefix tokens, then the patches at ids;
     with_indices: also the ids, as Eva's PatchDropoutWithIndices returns them (for the rope)."""
