@@ -1,13 +1,19 @@
-"""open_clip SigLIP training-step throughput: flipkern.apply_to_open_clip vs stock open_clip.
+"""open_clip timm-tower training-step throughput: flipkern.apply_to_open_clip vs stock open_clip.
 
-One training step = forward (open_clip's own ``model(images, text)``), SigLipLoss,
-backward, AdamW step, on ViT-B-16-SigLIP (timm vit_base_patch16_siglip_224
+One training step = forward (open_clip's own ``model(images, text)``), the model's
+loss (SigLipLoss when it has a logit bias, else ClipLoss), backward, AdamW step, on
+--model, by default ViT-B-16-SigLIP (timm vit_base_patch16_siglip_224
 image tower, width 768, 224 px, 16 px patches; its 64-token bidirectional text
 tower, width 768) with both towers cut to --layers layers so that a step fits
 this CPU. Captions have 16 real tokens (or --captions realistic: caption_lengths.py's
 lengths, capped at the 64-token context) padded to 64 with the pad id, as SigLIP's
 tokenizer writes them (the stock text tower attends over all 64, and so does the
 patched model by default: packing them away would change SigLIP's output).
+
+EVA02-B-16 (timm eva02_base_patch16_clip_224 image tower, width 768, rotary
+embedding, SwiGLU; 77-token causal CLIP text tower, width 512) runs with
+--captions realistic: caption lengths from caption_lengths.py, captions
+[sot, words, eot, 0...] as open_clip's tokenizer writes them.
 
   stock     open_clip as users run it: timm's PatchDropout (conv over every patch,
             then the draw), timm's blocks with fused SDPA, open_clip's SigLipLoss.
@@ -25,6 +31,8 @@ shared machine with --threads 1) and from the wall clock.
     python benchmarks/bench_open_clip_timm.py --json benchmarks/results/open_clip_siglip_cpu.json
     python benchmarks/bench_open_clip_timm.py --captions realistic --paths stock flipkern flipkern-drop \
         --steps 8 --warmup 2 --json benchmarks/results/open_clip_siglip_text_cpu.json
+    python benchmarks/bench_open_clip_timm.py --model EVA02-B-16 --captions realistic \
+        --json benchmarks/results/open_clip_eva02_cpu.json
 """
 import argparse
 import concurrent.futures as cf
@@ -42,33 +50,37 @@ PATHS = ("stock", "flipkern", "flipkern-drop")  # flipkern-drop: apply_to_open_c
 
 def measure(path, patch_dropout, args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import caption_lengths
     import open_clip_coverage
-    from caption_lengths import caption_lengths
-    from open_clip.loss import SigLipLoss
+    from open_clip.loss import ClipLoss, SigLipLoss
 
     import flipkern
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
     model = open_clip_coverage.build_cut(args["model"], values=True, layers=args["layers"],
                                          force_patch_dropout=patch_dropout).train()
-    loss = SigLipLoss()
+    loss = SigLipLoss() if getattr(model, "logit_bias", None) is not None else ClipLoss()
     report = None if path == "stock" else flipkern.apply_to_open_clip(
         model, loss=loss, text_padding="drop" if path == "flipkern-drop" else "keep")
     B, ctx = args["batch"], model.text.context_length
     g = torch.Generator().manual_seed(1)
     images = torch.randn(B, 3, 224, 224, generator=g)
-    lengths = (caption_lengths(args["captions"], B, context=ctx, generator=g) if args.get("captions")
+    lengths = (caption_lengths.caption_lengths(args["captions"], B, ctx, generator=g) if args["captions"]
                else torch.full((B,), args["caption_tokens"]))
-    text = torch.zeros(B, ctx, dtype=torch.int64)  # pad id 0 after each caption's real tokens
-    for b, n in enumerate(lengths.tolist()):
-        text[b, :n] = torch.randint(1, 1000, (n,), generator=g)
+    if model.text.attn_mask is not None:  # causal text: [sot, words, eot, 0...] as open_clip's tokenizer
+        text = caption_lengths.tokens_from_lengths(lengths, ctx, model.text.vocab_size - 1, generator=g)
+    else:  # SigLIP: the real tokens, then its pad id to the context length
+        pad = model.text.pad_id
+        text = torch.full((B, ctx), pad, dtype=torch.int64)
+        for b, n in enumerate(lengths.tolist()):
+            text[b, :n] = pad + 1 + torch.randint(0, 1000, (n,), generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(i):
         torch.manual_seed(100 + i)  # the same kept patches on both paths
-        img, txt, scale, bias = model(images, text)
+        out = model(images, text)  # (image, text, logit_scale[, logit_bias])
         opt.zero_grad(set_to_none=True)
-        loss(img, txt, scale, bias).backward()
+        loss(*out).backward()
         opt.step()
 
     for i in range(args["warmup"]):
@@ -92,8 +104,8 @@ def main(argv=None):
     p.add_argument("--model", default="ViT-B-16-SigLIP")
     p.add_argument("--layers", type=int, default=2, help="layers of each tower (the config's depth cut)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--caption-tokens", type=int, default=16)
-    p.add_argument("--captions", help="caption_lengths.py kind (e.g. realistic) instead of --caption-tokens")
+    p.add_argument("--caption-tokens", type=int, default=16, help="real tokens of every caption")
+    p.add_argument("--captions", help="caption length kind of caption_lengths.py, in place of --caption-tokens")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=["stock", "flipkern"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -11,8 +11,13 @@ and a new family is one adapter (``register_block_adapter``). Adapters read the
 module's own submodules and parameters: the fast path computes with the same
 parameters as the module, so checkpoints are shared.
 
+Rotary position embedding (EVA-02) is token-wise too: ``rope`` [..., 2*head_dim]
+holds each token's sin|cos (prefix tokens: sin 0, cos 1, which leaves them
+unrotated exactly), laid out like the tokens, and the block's ``rotary`` part
+turns q and k with it before attention.
+
 Only attention differs between the two layouts, so it is the one argument
-``block_forward`` takes besides the block:
+``block_forward`` takes besides the block (and the tokens' rope):
 - dense, [B, N, D] with every token valid: one fused SDPA call, no mask;
 - packed, [total, D] with int32 cu_seqlens [B+1] (flipkern.pack): LayerNorm,
   the projections and the MLP work token by token, so they run on the packed
@@ -21,6 +26,7 @@ Only attention differs between the two layouts, so it is the one argument
 """
 from typing import Callable, NamedTuple, Optional
 
+import torch
 import torch.nn.functional as F
 
 from .attention import varlen_attention
@@ -36,6 +42,8 @@ class BlockParts(NamedTuple):
     tokens except num_heads and scale (None: 1/sqrt(head_dim)).
 
     qkv returns [..., 3*D] laid out (3, num_heads, head_dim): q, k, v views, no copies.
+    rotary(t [..., H, head_dim], rope [..., 1, 2*head_dim]) -> t rotated, in t's dtype,
+    or None for a block without rotary position embedding.
     """
     ln_1: Callable
     qkv: Callable
@@ -46,6 +54,7 @@ class BlockParts(NamedTuple):
     mlp: Callable
     ls_1: Callable = _identity
     ls_2: Callable = _identity
+    rotary: Optional[Callable] = None
 
 
 # "module.QualName" of a block type -> adapter(block) -> BlockParts. Keyed by name, not by
@@ -89,11 +98,24 @@ _register_reference()
 
 # ----------------------------------------------------------------------------- the forward
 
-def block_forward(block, x, attend):
-    """One block on tokens x [..., D]; attend(qkv [..., 3*D], num_heads, scale) -> [..., D]."""
+def block_forward(block, x, attend, rope=None):
+    """One block on tokens x [..., D]; attend(qkv [..., 3*D], num_heads, scale) -> [..., D];
+    rope [..., 2*head_dim]: the tokens' rotary sin|cos, or None."""
     p = block_parts(block)
-    x = x + p.ls_1(p.out_proj(attend(p.qkv(p.ln_1(x)), p.num_heads, p.scale)))
+    qkv = p.qkv(p.ln_1(x))
+    if rope is not None:
+        qkv = rotate_qk(p, qkv, rope)
+    x = x + p.ls_1(p.out_proj(attend(qkv, p.num_heads, p.scale)))
     return x + p.ls_2(p.mlp(p.ln_2(x)))
+
+
+def rotate_qk(parts, qkv, rope):
+    """qkv [..., 3*D] with q and k turned by the block's rotary part at each token's rope."""
+    if parts.rotary is None:
+        raise ValueError("flipkern.blocks: rope was given for a block without a rotary part")
+    q, k, v = qkv.unflatten(-1, (3, parts.num_heads, -1)).unbind(-3)
+    rope = rope.unsqueeze(-2)  # one rotation per token, shared by the heads
+    return torch.stack((parts.rotary(q, rope), parts.rotary(k, rope), v), dim=-3).flatten(-3)
 
 
 def dense_attention(qkv, num_heads, scale=None, causal=False):
@@ -118,15 +140,17 @@ def packed_attention(qkv, num_heads, scale, cu_seqlens, max_seqlen, causal=False
     return out.reshape(total, D3 // 3)
 
 
-def dense_block_forward(block, x, causal=False):
-    """One block on [B, N, D] tokens, all of them valid: ``block(x, causal=causal)``."""
+def dense_block_forward(block, x, causal=False, rope=None):
+    """One block on [B, N, D] tokens, all of them valid: ``block(x, causal=causal)``;
+    rope [B, N, 2*head_dim] or None as in block_forward."""
     if x.dim() != 3:
         raise ValueError(f"flipkern.dense_block_forward: x must be 3-D [B, N, D], got shape {tuple(x.shape)}")
-    return block_forward(block, x, lambda qkv, heads, scale: dense_attention(qkv, heads, scale, causal))
+    return block_forward(block, x, lambda qkv, heads, scale: dense_attention(qkv, heads, scale, causal), rope)
 
 
-def packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal=False):
-    """One block on packed tokens: x [total, D] -> [total, D].
+def packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal=False, rope=None):
+    """One block on packed tokens: x [total, D] -> [total, D]; rope [total, 2*head_dim]
+    (packed as x is) or None.
 
     Equals ``block(x_padded, key_padding_mask=..., causal=causal)`` at the valid
     positions of the padded batch.
@@ -138,21 +162,21 @@ def packed_block_forward(block, x_packed, cu_seqlens, max_seqlen, causal=False):
     def attend(qkv, heads, scale):
         return packed_attention(qkv, heads, scale, cu_seqlens, max_seqlen, causal)
 
-    return block_forward(block, x_packed, attend)
+    return block_forward(block, x_packed, attend, rope)
 
 
-def dense_blocks_forward(blocks, x, causal=False, checkpoint=False):
+def dense_blocks_forward(blocks, x, causal=False, checkpoint=False, rope=None):
     """A stack of blocks (an iterable, e.g. nn.ModuleList) on [B, N, D] tokens; checkpoint:
-    per-block activation checkpointing (reference.vit.run_blocks)."""
-    return run_blocks(blocks, dense_block_forward, x, causal, checkpoint=checkpoint)
+    per-block activation checkpointing (reference.vit.run_blocks); rope as in block_forward."""
+    return run_blocks(blocks, dense_block_forward, x, causal, rope, checkpoint=checkpoint)
 
 
-def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False, checkpoint=False):
-    """A stack of blocks on packed tokens; checkpoint as in dense_blocks_forward."""
-    return run_blocks(blocks, packed_block_forward, x_packed, cu_seqlens, max_seqlen, causal,
+def packed_blocks_forward(blocks, x_packed, cu_seqlens, max_seqlen, causal=False, checkpoint=False, rope=None):
+    """A stack of blocks on packed tokens; checkpoint and rope as in dense_blocks_forward."""
+    return run_blocks(blocks, packed_block_forward, x_packed, cu_seqlens, max_seqlen, causal, rope,
                       checkpoint=checkpoint)
 
 
 __all__ = ["BlockParts", "register_block_adapter", "block_parts", "reference_block_parts", "block_forward",
-           "dense_attention", "packed_attention", "dense_block_forward", "packed_block_forward",
+           "rotate_qk", "dense_attention", "packed_attention", "dense_block_forward", "packed_block_forward",
            "dense_blocks_forward", "packed_blocks_forward", "run_blocks"]

@@ -1,4 +1,4 @@
-"""apply_to_open_clip on open_clip configs with a timm vision tower (SigLIP), and the
+"""apply_to_open_clip on open_clip configs with a timm vision tower (SigLIP, EVA02), and the
 coverage script (benchmarks/open_clip_coverage.py) on a sample of configs.
 
 Configs are built offline with pretrained=None, their towers cut to one layer.
@@ -24,7 +24,9 @@ NOT_VIT = "not open_clip's VisionTransformer"
     ("ViT-B-32", "flipkern", "flipkern"),
     ("ViT-B-16-SigLIP", "flipkern", "flipkern"),
     ("ViT-SO400M-14-SigLIP-384", "flipkern", "flipkern"),  # 14 px patches do not divide 384 px
-    ("EVA02-B-16", "model is Eva, not timm's VisionTransformer", "flipkern"),
+    ("EVA02-B-16", "flipkern", "flipkern"),
+    ("EVA02-E-14", "flipkern", "flipkern"),  # post-norm blocks, no rope
+    ("EVA01-g-14", "flipkern", "flipkern"),
     ("coca_ViT-B-32", "attentional pooling", "a class token appended to the text (embed_cls, CoCa)"),
     ("RN50", "visual is ModifiedResNet", "flipkern"),
 ])
@@ -43,10 +45,11 @@ def test_coverage_summary_counts():
     assert s["text_reasons"] == {"why": 1}
 
 
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "EVA02-B-16"])
 @pytest.mark.parametrize("patch_dropout", [0.0, 0.5, 0.75])
-def test_siglip_image_tower_patched_matches_open_clip(patch_dropout):
+def test_timm_image_tower_patched_matches_open_clip(name, patch_dropout):
     torch.manual_seed(0)
-    model = open_clip_coverage.build_cut("ViT-B-16-SigLIP", values=True,
+    model = open_clip_coverage.build_cut(name, values=True,
                                          timm_overrides=dict(embed_dim=64, num_heads=2),
                                          force_patch_dropout=patch_dropout).double().train()
     with torch.no_grad():  # timm inits biases and the attention-pool latent to constants: make them count

@@ -1,4 +1,5 @@
-"""flipkern.apply_to_timm / forward_with_keep against unpatched timm, same weights, same kept patches.
+"""flipkern.apply_to_timm / forward_with_keep against unpatched timm (VisionTransformer and
+Eva), same weights, same kept patches.
 
 timm's PatchDropout draws its kept patches with ``argsort(randn(B, N))`` on the
 default generator; the patched forward makes the same draw, so re-seeding before
@@ -29,7 +30,19 @@ TOWERS = {
                               pos_embed="none", pre_norm=True),
     # 7 px patches on 32 px images, as SigLIP's 14 px patches on 384 px: the conv skips the last 4 px
     "siglip-uneven-grid": dict(name="vit_base_patch16_siglip_224", patch_size=7),
+    # EVA-CLIP's EVA02 tower (open_clip's EVA02-B/L): rotary embedding, separate q/k/v projections
+    # with q and v bias, attention scale norm, SwiGLU with its norm, class token, 'token' pool
+    "eva02-clip": dict(name="eva02_base_patch16_clip_224"),
+    # fused qkv with q_bias/v_bias, packed SwiGLU (GluMlp), layer scale, rotate-half rope, 'avg'
+    "eva02-fused-ls-avg": dict(name="eva02_base_patch16_clip_224", qkv_fused=True, scale_mlp=False,
+                               scale_attn_inner=False, init_values=0.1, rope_rotate_half=True, global_pool="avg"),
+    # EVA02-E's post-norm blocks, no rope (as EVA01-g), with an attention pool over every token
+    "eva-post-norm-map": dict(name="eva02_enormous_patch14_clip_224", patch_size=8, global_pool="map",
+                              mlp_ratio=2.0),
+    # timm's SBB rope ViT: no class token, a register token, no absolute position embedding
+    "eva-rope-reg-avg": dict(name="vit_medium_patch16_rope_reg1_gap_256"),
 }
+EVA = [k for k in TOWERS if k.startswith("eva")]
 
 
 def tower(kind, patch_drop=0.5, dtype=torch.float64, **over):
@@ -86,7 +99,7 @@ def test_patched_tower_matches_timm_in_float64(kind, patch_drop):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["siglip-map", "cls-token"])
+@pytest.mark.parametrize("kind", ["siglip-map", "cls-token", "eva02-clip"])
 def test_patched_tower_low_precision_by_the_tolerance_rule(kind, dtype):
     model64 = tower(kind, 0.5).train()
     model_lowp = copy.deepcopy(model64).to(dtype)
@@ -99,25 +112,38 @@ def test_patched_tower_low_precision_by_the_tolerance_rule(kind, dtype):
         assert_close_to_reference(g, r64, rl, name=f"tensor {i}")
 
 
-class KeepGiven(torch.nn.Module):
-    """PatchDropout with the kept patches given: prefix tokens, then the patches at ids."""
+@pytest.mark.parametrize("kind", ["cls-token", "eva02-clip"])
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(kind):
+    model = tower(kind, 0.5).train()
+    patched = patched_copy(model)
+    for m in (model, patched):
+        m.set_grad_checkpointing(True)
+    x = images()
+    tight(outputs_and_grads(patched, x), outputs_and_grads(model, x))
 
-    def __init__(self, ids, num_prefix):
+
+class KeepGiven(torch.nn.Module):
+    """PatchDropout with the kept patches given: prefix tokens, then the patches at ids;
+    with_indices: also the ids, as Eva's PatchDropoutWithIndices returns them (for the rope)."""
+
+    def __init__(self, ids, num_prefix, with_indices=False):
         super().__init__()
-        self.ids, self.num_prefix = ids, num_prefix
+        self.ids, self.num_prefix, self.with_indices = ids, num_prefix, with_indices
 
     def forward(self, x):
         P = self.num_prefix
         kept = x[:, P:].gather(1, self.ids[..., None].expand(-1, -1, x.shape[-1]))
-        return torch.cat([x[:, :P], kept], dim=1)
+        x = torch.cat([x[:, :P], kept], dim=1)
+        return (x, self.ids) if self.with_indices else x
 
 
 def per_sample_reference(model, x, ids_keep, keep_lengths):
     """Unpatched timm on each sample alone with its own kept patches."""
     m = copy.copy(model)  # shares the parameters; only patch_drop differs
+    eva = type(model).__name__ == "Eva"
     outs = []
     for b, n in enumerate(keep_lengths.tolist()):
-        m.patch_drop = KeepGiven(ids_keep[b:b + 1, :n], model.num_prefix_tokens)
+        m.patch_drop = KeepGiven(ids_keep[b:b + 1, :n], model.num_prefix_tokens, with_indices=eva)
         outs.append(m(x[b:b + 1]))
     return torch.cat(outs)
 
@@ -149,8 +175,9 @@ def test_per_sample_keep_counts_match_each_sample_alone(kind, keep):
           [flipkern.forward_with_keep(patched, x, ids_keep, full)])
 
 
-def test_adamw_steps_follow_the_same_trajectory_and_the_state_dict_is_unchanged():
-    model = tower("siglip-map", 0.5).train()
+@pytest.mark.parametrize("kind", ["siglip-map", "eva02-clip"])
+def test_adamw_steps_follow_the_same_trajectory_and_the_state_dict_is_unchanged(kind):
+    model = tower(kind, 0.5).train()
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     patched = patched_copy(model)
     assert list(patched.state_dict()) == list(keys)
@@ -201,6 +228,22 @@ def test_the_draw_is_timm_patch_dropouts():
 ])
 def test_uncovered_towers_are_left_unpatched_and_say_why(over, why):
     model = tower("cls-token", **over)
+    report = flipkern.apply_to_timm(model)
+    assert why in report
+    assert "forward_features" not in vars(model)
+
+
+@pytest.mark.parametrize("over, why", [
+    (dict(rope_type="mixed"), "rotary embedding RotaryEmbeddingMixed"),
+    (dict(rope_shift_coords=0.5), "rotary coordinate augmentation"),
+    (dict(attn_type="rope"), "not timm's EvaAttention"),
+    (dict(qk_norm=True), "qk_norm"),
+    (dict(drop_path_rate=0.1), "stochastic depth"),
+    (dict(attn_drop_rate=0.1), "attention dropout"),
+    (dict(dynamic_img_size=True), "dynamic image size"),
+])
+def test_uncovered_eva_towers_are_left_unpatched_and_say_why(over, why):
+    model = tower("eva02-clip", **over)
     report = flipkern.apply_to_timm(model)
     assert why in report
     assert "forward_features" not in vars(model)
