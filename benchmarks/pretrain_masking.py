@@ -10,9 +10,13 @@ compare share the machine's load):
   attentive     --masking attentive                   (A-CLIP's, EMA decay 0.99)
   clip+mae      --masking random --mae-weight W        (FLIP's CLIP + MAE loss)
 
-Equal steps: every arm runs --steps S. Equal wall time: ``random`` again with its
-steps scaled so that its training time matches each slower arm's mean (the steps it
-could run in the same time), measured from the equal-step runs.
+Equal steps: every arm runs --steps S (the last T = S/5 unmasked). Equal wall time:
+``random`` again with the masked steps it could run in the time each slower arm takes:
+S - T masked steps x r, plus the same T unmasked ones (the arms differ only in their
+masked steps: no EMA forward and no MAE loss on unmasked ones), where r is the arm's
+masked-step cost over random's. r comes from short timing runs (--timing-steps, every
+step masked, each arm in turn on its own, seed 0): their CPU seconds per step, since a
+shared machine's load inflates the wall clock of one run and not another's.
 
     python benchmarks/pretrain_masking.py --steps 600 --seeds 0 1 \\
         --json benchmarks/results/pretrain_masking.json
@@ -56,8 +60,9 @@ def run_one(flags, steps, seed, mask_ratio, out_dir, unmasked_tune_steps, thread
     # the masked steps' time (the unmasked tuning steps run all 16 patches and no EMA forward);
     # the first logged step includes warm-up, so it is left out
     masked = [batch / r["img_per_s"] for r in records if r["type"] == "train" and r["masked"] and r["step"] > 1]
-    return dict(steps=steps, seed=seed, zeroshot_top1=summary["eval"]["zeroshot_top1"],
-                train_s=summary["train_s"], step_ms=1e3 * summary["train_s"] / summary["trained_steps"],
+    return dict(steps=steps, seed=seed, zeroshot_top1=summary["eval"].get("zeroshot_top1"),
+                train_s=summary["train_s"], train_cpu_s=summary.get("train_cpu_s"),
+                step_ms=1e3 * summary["train_s"] / summary["trained_steps"],
                 masked_step_ms=1e3 * statistics.median(masked),
                 ema_forward_ms_per_step=summary.get("ema_forward_ms_per_step"),
                 cmd=" ".join(["python", "-m", "flipkern.pretrain"] + cmd[3:]).replace(out_dir, "<tmp>"))
@@ -69,7 +74,7 @@ def mean_of(runs, key):
 
 
 def aggregate(runs):
-    return {k: mean_of(runs, k) for k in ("zeroshot_top1", "train_s", "step_ms", "masked_step_ms",
+    return {k: mean_of(runs, k) for k in ("zeroshot_top1", "train_s", "train_cpu_s", "step_ms", "masked_step_ms",
                                           "ema_forward_ms_per_step")}
 
 
@@ -82,6 +87,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
     ap.add_argument("--runs-dir", default=None, help="keep (and reuse) the runs here; default: a temporary dir")
+    ap.add_argument("--timing-steps", type=int, default=40, help="steps of each arm's timing run")
     ap.add_argument("--no-equal-time", dest="equal_time", action="store_false", default=True,
                     help="only the equal-step runs")
     ap.add_argument("--json", required=True)
@@ -114,13 +120,17 @@ def main():
                                            for name, flags in arms(args.mae_weight).items()})
         if not args.equal_time:
             return _write(results, args.json)
-        base = results["equal_steps"]["random"]["mean"]["train_s"]
-        ratios = {name: results["equal_steps"][name]["mean"]["train_s"] / base for name in ("attentive", "clip+mae")}
+        results["timing"] = {name: run_one(flags + ["--no-eval"], args.timing_steps, 0, args.mask_ratio,
+                                           os.path.join(tmp, f"timing-{name}-{args.timing_steps}"), 0, args.threads)
+                             for name, flags in arms(args.mae_weight).items()}  # one at a time
+        cpu = {name: r["train_cpu_s"] / r["steps"] for name, r in results["timing"].items()}
+        ratios = {name: cpu[name] / cpu["random"] for name in ("attentive", "clip+mae")}
         results["equal_time"] = run_arms({
-            f"random, the time of {name}": (arms(args.mae_weight)["random"], round(args.steps * r), round(tune * r))
+            f"random, the time of {name}": (arms(args.mae_weight)["random"],
+                                            args.steps + round((r - 1) * (args.steps - tune)), tune)
             for name, r in ratios.items()})
         for name, r in ratios.items():
-            results["equal_time"][f"random, the time of {name}"]["time_ratio"] = r
+            results["equal_time"][f"random, the time of {name}"]["masked_step_cpu_ratio"] = r
     _write(results, args.json)
 
 

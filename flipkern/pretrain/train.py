@@ -134,6 +134,7 @@ class LoopState:
     skipped_nonfinite: int = 0
     bad_samples: int = 0
     train_time: float = 0.0
+    train_cpu_time: float = 0.0  # this process's CPU seconds in the steps: work, not the machine's load
     samples_seen: int = 0
 
 
@@ -509,7 +510,7 @@ def train(run, state):
     run.model.train()
     with _Sigterm() as term, contextlib.closing(progress):
         while state.step < args.steps:
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             batches = [next(it) for _ in range(args.accum_steps)]
             state.bad_samples += sum(len(b["bad"]) for b in batches)
             result = train_step(run, batches, state.step)
@@ -520,6 +521,7 @@ def train(run, state):
             state.step += 1
             dt = time.time() - t0
             state.train_time += dt
+            state.train_cpu_time += time.process_time() - c0
             state.samples_seen += contrastive_batch(args)
             if args.debug_sleep:
                 time.sleep(args.debug_sleep)  # test hook: a slow run to send SIGTERM to
@@ -551,7 +553,7 @@ def summarize(run, state, final_eval):
     summary = dict(
         steps=state.step, trained_steps=state.step - state.start_step, samples=state.samples_seen,
         contrastive_batch=contrastive_batch(run.args), accum_steps=run.args.accum_steps,
-        wall_s=time.time() - run.started, train_s=state.train_time,
+        wall_s=time.time() - run.started, train_s=state.train_time, train_cpu_s=state.train_cpu_time,
         img_per_s=state.samples_seen / state.train_time if state.train_time > 0 else 0.0,
         world_size=di.world_size, fast_path=run.args.fast_path, backends=fastpath.backends_used(),
         skipped_samples=bad_samples + skipped_at_index, skipped_nonfinite_steps=state.skipped_nonfinite,
