@@ -70,6 +70,10 @@ def build_cut(name, values=False, timm_overrides=None, layers=1, vocab=None, tex
     import open_clip
     cfg = _cut_config(open_clip.get_model_config(name), layers, vocab)
     cfg["text_cfg"].update(text_overrides or {})
+    if create_kwargs.get("force_patch_dropout") is not None:
+        # create_model applies force_patch_dropout to its own copy of the config, which the
+        # vision_cfg passed below replaces: set it in that one
+        cfg["vision_cfg"]["patch_dropout"] = create_kwargs.pop("force_patch_dropout")
     with cut_timm_trunks(values, layers, **(timm_overrides or {})):
         return open_clip.create_model(name, pretrained=None, pretrained_text=False, vision_cfg=cfg["vision_cfg"],
                                       text_cfg=cfg["text_cfg"], **create_kwargs)

@@ -28,11 +28,13 @@ EOT = VOCAB - 1  # the largest id: pool 'argmax' finds it
 SIGLIP, EVA02 = "ViT-B-16-SigLIP", "EVA02-B-16"
 
 
-def small_model(name, dtype=torch.float64, use_pad_mask=False, **text):
+def small_model(name, dtype=torch.float64, use_pad_mask=False, patch_dropout=None, **text):
     torch.manual_seed(0)
+    # patch_dropout: a whole-model step; the vision trunk's width (32) is then the joint embedding's
+    extra = {} if patch_dropout is None else dict(force_patch_dropout=patch_dropout, embed_dim=32)
     model = open_clip_coverage.build_cut(
         name, values=True, layers=2, vocab=VOCAB, timm_overrides=dict(embed_dim=32, num_heads=2),
-        text_overrides=dict(width=64, heads=2, context_length=CTX, **text))
+        text_overrides=dict(width=64, heads=2, context_length=CTX, **text), **extra)
     # CLIPTextCfg has no use_pad_mask (no open_clip config sets it); TextTransformer reads the attribute
     model.text.use_pad_mask = use_pad_mask
     with torch.no_grad():  # open_clip inits biases to zero: make them count
@@ -204,3 +206,31 @@ def test_clip_bidirectional_text_runs_dense_and_refuses_drop_without_a_pad_id():
     torch.testing.assert_close(patched.encode_text(text), model.encode_text(text), rtol=1e-10, atol=1e-10)
     assert fastpath.backends_used()["open_clip.text"].startswith("dense")
     assert patched_copy(model, text_padding="drop")[1]["text"].startswith("text_padding='drop' needs the pad id")
+
+
+@pytest.mark.parametrize("name", [SIGLIP, EVA02])
+def test_whole_model_adamw_steps_follow_stock(name):
+    """Both towers and the loss patched: 3 AdamW steps of open_clip's own training step
+    (model(images, text) -> loss -> backward -> step) at patch dropout 0.5 give stock's
+    parameters after every step (float64)."""
+    from open_clip.loss import ClipLoss, SigLipLoss
+    model = small_model(name, patch_dropout=0.5)
+    assert model.visual.trunk.patch_drop.prob == 0.5  # timm's PatchDropout is in the model
+    patched = copy.deepcopy(model)
+    loss_type = SigLipLoss if getattr(model, "logit_bias", None) is not None else ClipLoss
+    loss = loss_type()
+    report = flipkern.apply_to_open_clip(patched, loss=loss)
+    assert report == {"visual": "flipkern", "text": "flipkern", "loss": "flipkern"}
+    runs = [(m, f, torch.optim.AdamW(m.parameters(), lr=1e-3)) for m, f in ((model, loss_type()), (patched, loss))]
+    g = torch.Generator().manual_seed(5)
+    for step in range(3):
+        images = torch.randn(6, 3, 224, 224, dtype=torch.float64, generator=g)
+        text = captions(seed=10 + step)
+        for m, f, opt in runs:
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(100 + step)  # the same kept patches (timm's PatchDropout draw) on both
+            f(*m(images, text)).backward()
+            opt.step()
+        for (ka, a), (kb, b) in zip(model.state_dict().items(), patched.state_dict().items()):
+            assert ka == kb
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=f"step {step}: {ka}")

@@ -52,6 +52,7 @@ def test_timm_image_tower_patched_matches_open_clip(name, patch_dropout):
     model = open_clip_coverage.build_cut(name, values=True,
                                          timm_overrides=dict(embed_dim=64, num_heads=2),
                                          force_patch_dropout=patch_dropout).double().train()
+    assert getattr(model.visual.trunk.patch_drop, "prob", 0.0) == patch_dropout  # the dropout is in the model
     with torch.no_grad():  # timm inits biases and the attention-pool latent to constants: make them count
         for p in model.visual.parameters():
             if p.dim() < 2:
