@@ -59,6 +59,8 @@ def measure(path, patch_dropout, args):
     torch.manual_seed(0)
     model = open_clip_coverage.build_cut(args["model"], values=True, layers=args["layers"],
                                          force_patch_dropout=patch_dropout).train()
+    if getattr(model.visual.trunk.patch_drop, "prob", 0.0) != patch_dropout:  # what the row claims
+        raise RuntimeError(f"{args['model']}: timm's patch dropout is not {patch_dropout} in the built model")
     loss = SigLipLoss() if getattr(model, "logit_bias", None) is not None else ClipLoss()
     report = None if path == "stock" else flipkern.apply_to_open_clip(
         model, loss=loss, text_padding="drop" if path == "flipkern-drop" else "keep")
