@@ -28,7 +28,6 @@ Each (path, patch dropout) runs in its own spawned process; both draw the same
 kept patches. img/s from process CPU time (steadier than the wall clock on a
 shared machine with --threads 1) and from the wall clock.
 
-    python benchmarks/bench_open_clip_timm.py --json benchmarks/results/open_clip_siglip_cpu.json
     python benchmarks/bench_open_clip_timm.py --captions realistic --paths stock flipkern flipkern-drop \
         --steps 8 --warmup 2 --json benchmarks/results/open_clip_siglip_text_cpu.json
     python benchmarks/bench_open_clip_timm.py --model EVA02-B-16 --captions realistic \
