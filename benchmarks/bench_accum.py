@@ -32,7 +32,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # not again in front: a test importing this must keep tests/ (its conftest) first
+    sys.path.insert(0, _HERE)
 from bench_e2e import _rss_bytes, make_data  # noqa: E402
 
 
