@@ -219,31 +219,22 @@ def test_the_draw_is_timm_patch_dropouts():
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("over, why", [
-    (dict(attn_drop_rate=0.1), "attention dropout"),
-    (dict(qk_norm=True), "qk_norm"),
-    (dict(drop_path_rate=0.1), "stochastic depth"),
-    (dict(pos_drop_rate=0.1), "position dropout"),
-    (dict(dynamic_img_size=True), "dynamic image size"),
+@pytest.mark.parametrize("name, over, why", [
+    ("cls-token", dict(attn_drop_rate=0.1), "attention dropout"),
+    ("cls-token", dict(qk_norm=True), "qk_norm"),
+    ("cls-token", dict(drop_path_rate=0.1), "stochastic depth"),
+    ("cls-token", dict(pos_drop_rate=0.1), "position dropout"),
+    ("cls-token", dict(dynamic_img_size=True), "dynamic image size"),
+    ("eva02-clip", dict(rope_type="mixed"), "rotary embedding RotaryEmbeddingMixed"),
+    ("eva02-clip", dict(rope_shift_coords=0.5), "rotary coordinate augmentation"),
+    ("eva02-clip", dict(attn_type="rope"), "not timm's EvaAttention"),
+    ("eva02-clip", dict(qk_norm=True), "qk_norm"),
+    ("eva02-clip", dict(drop_path_rate=0.1), "stochastic depth"),
+    ("eva02-clip", dict(attn_drop_rate=0.1), "attention dropout"),
+    ("eva02-clip", dict(dynamic_img_size=True), "dynamic image size"),
 ])
-def test_uncovered_towers_are_left_unpatched_and_say_why(over, why):
-    model = tower("cls-token", **over)
-    report = flipkern.apply_to_timm(model)
-    assert why in report
-    assert "forward_features" not in vars(model)
-
-
-@pytest.mark.parametrize("over, why", [
-    (dict(rope_type="mixed"), "rotary embedding RotaryEmbeddingMixed"),
-    (dict(rope_shift_coords=0.5), "rotary coordinate augmentation"),
-    (dict(attn_type="rope"), "not timm's EvaAttention"),
-    (dict(qk_norm=True), "qk_norm"),
-    (dict(drop_path_rate=0.1), "stochastic depth"),
-    (dict(attn_drop_rate=0.1), "attention dropout"),
-    (dict(dynamic_img_size=True), "dynamic image size"),
-])
-def test_uncovered_eva_towers_are_left_unpatched_and_say_why(over, why):
-    model = tower("eva02-clip", **over)
+def test_uncovered_towers_are_left_unpatched_and_say_why(name, over, why):
+    model = tower(name, **over)
     report = flipkern.apply_to_timm(model)
     assert why in report
     assert "forward_features" not in vars(model)
