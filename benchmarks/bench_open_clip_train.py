@@ -19,6 +19,8 @@ rest, and a case's figure is the median over its repeats.
 
     python benchmarks/bench_open_clip_train.py --json benchmarks/results/open_clip_train.json
     python benchmarks/bench_open_clip_train.py --steps 3 --skip 1 --repeats 1 --batch 4 --dropouts 0.5  # sanity
+    python benchmarks/bench_open_clip_train.py --accum-freq 4 --steps 3 --repeats 1 --dropouts 0.5 \
+        --json benchmarks/results/open_clip_train_accum4.json   # open_clip's accumulation, both commands
 """
 import argparse
 import json
@@ -89,7 +91,7 @@ def run_once(command, dropout, root, args, name):
             "--device", "cpu", "--precision", "fp32", "--batch-size", str(args.batch), "--workers", "0",
             "--epochs", "1", "--force-patch-dropout", str(dropout), "--seed", "0", "--warmup", "1",
             "--log-every-n-steps", "1", "--report-to", "none", "--logs", os.path.join(root, "logs"),
-            "--name", name]
+            "--name", name, "--accum-freq", str(args.accum_freq)]
     load = os.getloadavg()
     start = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=root,
@@ -125,11 +127,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     p.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.5, 0.75])
+    p.add_argument("--accum-freq", type=int, default=1,
+                   help="open_clip_train's --accum-freq: a contrastive batch of --batch x this per step")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as root:
-        write_dataset(root, args.batch * args.steps)
+        write_dataset(root, args.batch * args.accum_freq * args.steps)  # one epoch = --steps optimizer steps
         lengths = token_lengths(os.path.join(root, "train.csv"))
         for repeat in range(args.repeats):
             for dropout in args.dropouts:
