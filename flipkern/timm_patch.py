@@ -185,10 +185,10 @@ def _uncovered(model):
         return why
     if _dropout_p(model.pos_drop):  # drawn over all tokens in timm: a different draw on fewer tokens
         return f"position dropout ({model.pos_drop.p}) is not covered"
-    pd = model.patch_drop
-    dropout_type, no_dropout = (PatchDropout, _is_identity(pd)) if family == _VIT else (PatchDropoutWithIndices,
-                                                                                         pd is None)
-    if not no_dropout and (type(pd) is not dropout_type or pd.num_prefix_tokens != model.num_prefix_tokens):
+    pd = model.patch_drop  # no patch dropout: Identity in VisionTransformer, None in Eva
+    dropout_type = PatchDropout if family == _VIT else PatchDropoutWithIndices
+    if not (pd is None or _is_identity(pd)) and (type(pd) is not dropout_type
+                                                 or pd.num_prefix_tokens != model.num_prefix_tokens):
         return f"patch dropout {type(pd).__name__} is not timm's {dropout_type.__name__} over the patches"
     why = _uncovered_rope(model) if family == _EVA else None
     if why:
